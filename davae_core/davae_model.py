@@ -1,0 +1,303 @@
+"""DA-VAE on top of the SD3 VAE (METHOD.md, "DA-VAE on SD3-VAE").
+
+* base encoder: the frozen pretrained encoder, run on a bicubic 2x downsample;
+* detail encoder: the pretrained encoder trunk (its ``conv_out`` dropped) + :class:`DetailDownsample`;
+* joint decoder: :class:`JointUpsample` + the pretrained decoder trunk (its ``conv_in`` dropped).
+
+All trunks are diffusers ``AutoencoderKL`` parts, so any AutoencoderKL config (the real SD3
+one or a tiny one for tests) gives a matching DA-VAE.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from einops import reduce, repeat
+from torch import nn
+
+from .structured_latent import LatentLayout, LatentNormalizer, merge, split
+from .tiling import tiled_decode, tiled_encode
+
+# The diffusers config of the SD3 / SD3.5 VAE ("vae/config.json" of the official repos).
+SD3_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+
+# Only these keys shape the modules; the rest of a diffusers config.json is ignored.
+_ARCH_KEYS = tuple(SD3_VAE_CONFIG) + ("force_upcast", "latents_mean", "latents_std")
+
+
+def tiny_vae_config(attention: bool = False) -> dict[str, Any]:
+    """Four blocks like SD3 (so f8 -> f16 stays true) but narrow: for tests and the CPU demo."""
+    return {
+        **SD3_VAE_CONFIG,
+        "block_out_channels": [8, 16, 32, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "sample_size": 64,
+        "mid_block_add_attention": attention,
+    }
+
+
+@dataclass
+class DAVAEConfig:
+    base_vae: dict[str, Any] = field(default_factory=lambda: dict(SD3_VAE_CONFIG))
+    detail_channels: int = 16
+    base_name: str = "sd3"  # which pretrained VAE the base channels come from
+    # Channel order the joint decoder's first conv was trained on.  Ours is base first; the
+    # authors' SD3 checkpoints put detail first, and their up-block shortcut ties feature
+    # channels to latent channels, so imported weights keep their order here.
+    decoder_input_order: str = "base_detail"
+
+    def __post_init__(self) -> None:
+        if self.decoder_input_order not in ("base_detail", "detail_base"):
+            raise ValueError(f"decoder_input_order must be 'base_detail' or 'detail_base', got {self.decoder_input_order!r}")
+        self.base_vae = {k: v for k, v in dict(self.base_vae).items() if k in _ARCH_KEYS}
+        for k in ("block_out_channels", "down_block_types", "up_block_types"):
+            self.base_vae[k] = list(self.base_vae[k])
+
+    @property
+    def layout(self) -> LatentLayout:
+        n_down = len(self.base_vae["block_out_channels"]) - 1
+        return LatentLayout(self.base_vae["latent_channels"], self.detail_channels, factor=2 ** (n_down + 1))
+
+    @property
+    def base_shift(self) -> float:
+        return float(self.base_vae.get("shift_factor") or 0.0)
+
+    @property
+    def base_scale(self) -> float:
+        return float(self.base_vae.get("scaling_factor") or 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DAVAEConfig":
+        known = {k: d[k] for k in ("base_vae", "detail_channels", "base_name", "decoder_input_order") if k in d}
+        return cls(**known)
+
+
+class DetailDownsample(nn.Module):
+    """Trunk features (Cf, H/8) -> detail moments (2D, H/16).
+
+    A 3x3 conv to 2D/4 channels then pixel-unshuffle, plus a parameter-free shortcut: the
+    pixel-unshuffled features averaged over contiguous channel groups down to 2D.
+    """
+
+    def __init__(self, feature_channels: int, moment_channels: int):
+        super().__init__()
+        if moment_channels % 4 or (4 * feature_channels) % moment_channels:
+            raise ValueError(
+                f"cannot map {feature_channels} trunk channels to {moment_channels} moments: "
+                "need 4*features divisible by moments and moments divisible by 4"
+            )
+        self.moment_channels = moment_channels
+        self.conv = nn.Conv2d(feature_channels, moment_channels // 4, 3, padding=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shortcut = reduce(F.pixel_unshuffle(h, 2), "b (c g) x y -> b c x y", "mean", c=self.moment_channels)
+        return F.pixel_unshuffle(self.conv(h), 2) + shortcut
+
+
+class JointUpsample(nn.Module):
+    """Structured latent (C+D, H/16) -> decoder-trunk features (Cf, H/8).
+
+    A 3x3 conv to 4*Cf then pixel-shuffle, plus the mirror shortcut: each latent channel
+    repeated 4*Cf/(C+D) times, then pixel-shuffled.
+    """
+
+    def __init__(self, latent_channels: int, feature_channels: int):
+        super().__init__()
+        if (4 * feature_channels) % latent_channels:
+            raise ValueError(f"4*{feature_channels} trunk channels are not a multiple of {latent_channels} latent channels")
+        self.repeats = 4 * feature_channels // latent_channels
+        self.conv = nn.Conv2d(latent_channels, 4 * feature_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        shortcut = repeat(z, "b c x y -> b (c r) x y", r=self.repeats)
+        return F.pixel_shuffle(self.conv(z) + shortcut, 2)
+
+
+def _build_vae(cfg: dict[str, Any]) -> AutoencoderKL:
+    return AutoencoderKL(**cfg)
+
+
+class DAVAE(nn.Module):
+    """Tokenizer with a structured latent ``[base C | detail D]`` at twice the base factor.
+
+    Public API takes images in [0, 1] and normalised latents (what a DiT sees); the ``*_raw``
+    methods work in the autoencoders' own spaces (see :mod:`structured_latent`).
+    """
+
+    def __init__(self, config: DAVAEConfig, with_base_encoder: bool = True):
+        super().__init__()
+        self.config = config
+        self.layout = config.layout
+        features = config.base_vae["block_out_channels"][-1]
+        trunk = _build_vae(config.base_vae)
+
+        self.base_encoder: nn.Module | None = None
+        self.base_quant_conv: nn.Module | None = None
+        if with_base_encoder:
+            base = _build_vae(config.base_vae)
+            self.base_encoder = base.encoder
+            self.base_quant_conv = base.quant_conv
+            self.base_encoder.requires_grad_(False)
+            if self.base_quant_conv is not None:
+                self.base_quant_conv.requires_grad_(False)
+
+        self.detail_trunk = trunk.encoder
+        self.detail_trunk.conv_out = nn.Identity()  # the trunk ends at conv_act
+        self.detail_down = DetailDownsample(features, 2 * config.detail_channels)
+        self.decoder_up = JointUpsample(self.layout.channels, features)
+        self.decoder_trunk = trunk.decoder
+        self.decoder_trunk.conv_in = nn.Identity()  # JointUpsample feeds the mid block directly
+        self.normalizer = LatentNormalizer(self.layout, config.base_shift, config.base_scale)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_base_vae(
+        cls, vae: AutoencoderKL, detail_channels: int = 16, with_base_encoder: bool = True, base_name: str = "sd3"
+    ) -> "DAVAE":
+        """Initialise from a pretrained AutoencoderKL: base encoder copied and frozen,
+        detail-encoder trunk and decoder trunk initialised from its encoder and decoder."""
+        config = DAVAEConfig(base_vae=dict(vae.config), detail_channels=detail_channels, base_name=base_name)
+        model = cls(config, with_base_encoder=with_base_encoder)
+        enc = vae.encoder.state_dict()
+        dec = vae.decoder.state_dict()
+        if model.base_encoder is not None:
+            model.base_encoder.load_state_dict(enc)
+            if model.base_quant_conv is not None:
+                model.base_quant_conv.load_state_dict(vae.quant_conv.state_dict())
+        model.detail_trunk.load_state_dict({k: v for k, v in enc.items() if not k.startswith("conv_out.")})
+        model.decoder_trunk.load_state_dict({k: v for k, v in dec.items() if not k.startswith("conv_in.")})
+        return model.to(dtype=next(vae.parameters()).dtype)
+
+    def train(self, mode: bool = True) -> "DAVAE":
+        super().train(mode)
+        if self.base_encoder is not None:  # frozen: keep it in eval whatever the caller does
+            self.base_encoder.eval()
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        for module in (self.detail_trunk, self.decoder_trunk):
+            module.gradient_checkpointing = True
+            module._gradient_checkpointing_func = ckpt
+
+    def trainable_modules(self, train_detail_trunk: bool = True, train_decoder_trunk: bool = True) -> list[nn.Module]:
+        """The parts that train; the heads of both ends always do."""
+        mods: list[nn.Module] = [self.detail_down, self.decoder_up]
+        if train_detail_trunk:
+            mods.append(self.detail_trunk)
+        if train_decoder_trunk:
+            mods.append(self.decoder_trunk)
+        return mods
+
+    # ----------------------------------------------------------------- encoding
+    @staticmethod
+    def downsample(image_pm: torch.Tensor) -> torch.Tensor:
+        """The half-resolution input of the base encoder: plain bicubic, as the authors trained."""
+        low = F.interpolate(image_pm, scale_factor=0.5, mode="bicubic", align_corners=False)
+        return low.clamp(-1.0, 1.0)
+
+    def encode_base_raw(self, image_pm: torch.Tensor) -> torch.Tensor:
+        """Posterior mean of the frozen base VAE on the 2x-downsampled image (raw space)."""
+        if self.base_encoder is None:
+            raise RuntimeError(
+                "this DA-VAE was built without its base encoder; pass base_latent= (the stock "
+                "VAE's raw latent of the half-resolution image) or load one that holds it"
+            )
+        with torch.no_grad():
+            moments = self.base_encoder(self.downsample(image_pm))
+            if self.base_quant_conv is not None:
+                moments = self.base_quant_conv(moments)
+        return moments[:, : self.layout.base_channels]
+
+    def detail_posterior(self, image_pm: torch.Tensor) -> DiagonalGaussianDistribution:
+        return DiagonalGaussianDistribution(self.detail_down(self.detail_trunk(image_pm)))
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must have shape (B, 3, H, W), got {tuple(image.shape)}")
+        self.layout.latent_size(image.shape[-2], image.shape[-1])
+
+    def encode_raw(self, image: torch.Tensor, base_latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Image in [0, 1] -> raw ``[z | z_d]`` (posterior means)."""
+        self._check_image(image)
+        image_pm = image * 2.0 - 1.0
+        z = base_latent if base_latent is not None else self.encode_base_raw(image_pm)
+        z_d = self.detail_posterior(image_pm).mode()
+        return merge(z.to(z_d), z_d)
+
+    def encode(self, image: torch.Tensor, base_latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Image in [0, 1] -> normalised structured latent, e.g. 1024x1024 -> (B, 32, 64, 64)."""
+        return self.normalizer.normalize(self.encode_raw(image, base_latent))
+
+    # ----------------------------------------------------------------- decoding
+    def _decode_model_space(self, z_norm: torch.Tensor, z_d_raw: torch.Tensor) -> torch.Tensor:
+        """The decoder reads the normalised base and the raw detail; returns [-1, 1]-ish pixels."""
+        if self.config.decoder_input_order == "detail_base":
+            return self.decoder_trunk(self.decoder_up(merge(z_d_raw, z_norm)))
+        return self.decoder_trunk(self.decoder_up(merge(z_norm, z_d_raw)))
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised structured latent -> image in [0, 1]."""
+        self.layout.check(latent)
+        z, z_d = split(latent, self.layout.base_channels)
+        out = self._decode_model_space(z, self.normalizer.denormalize_detail(z_d))
+        return ((out + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw structured latent -> pixels in [-1, 1] (ComfyUI's first_stage_model contract)."""
+        self.layout.check(raw, "raw latent")
+        z, z_d = split(raw, self.layout.base_channels)
+        return self._decode_model_space(self.normalizer.normalize_base(z), z_d).clamp(-1.0, 1.0)
+
+    # ----------------------------------------------------------------- bounded memory
+    def encode_tiled(self, image: torch.Tensor, tile: int = 1024, overlap: int = 128, progress: bool = False) -> torch.Tensor:
+        """:meth:`encode` in ``tile``-pixel tiles blended over ``overlap`` pixels."""
+        self._check_image(image)
+        return tiled_encode(self.encode, image, self.layout.factor, tile, overlap, progress)
+
+    def decode_tiled(self, latent: torch.Tensor, tile: int = 64, overlap: int = 8, progress: bool = False) -> torch.Tensor:
+        """:meth:`decode` in ``tile``-cell latent tiles blended over ``overlap`` cells."""
+        self.layout.check(latent)
+        return tiled_decode(self.decode, latent, self.layout.factor, tile, overlap, progress)
+
+    # ----------------------------------------------------------------- training
+    def forward(self, image: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """One training pass: image in [0, 1] -> reconstruction in [-1, 1] plus what the losses need."""
+        self._check_image(image)
+        image_pm = image * 2.0 - 1.0
+        z = self.normalizer.normalize_base(self.encode_base_raw(image_pm))
+        posterior = self.detail_posterior(image_pm)
+        z_d = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return {
+            "reconstruction": self._decode_model_space(z.to(z_d), z_d),
+            "base": z,
+            "detail": z_d,
+            "posterior": posterior,
+        }

@@ -1,0 +1,145 @@
+"""Write tiny random-weight models in the real architectures and file formats.
+
+    python -m davae_core.fixtures OUT_DIR [--seed 0]
+
+No SD3 weights can be downloaded here, so tests, the demo and the ComfyUI integration checks
+run on these.  Every file is what the real thing would be, only narrow:
+
+=================================  =====================================================
+``sd3_vae/``                       diffusers AutoencoderKL folder (SD3 layout, 4 blocks)
+``sd3_transformer/``               diffusers SD3Transformer2DModel folder (SD3.5-like:
+                                   dual attention in block 0, RMS qk-norm)
+``checkpoints/sd3_tiny.safetensors``  the same MMDiT in single-file checkpoint layout
+                                   (``model.diffusion_model.*``) as ComfyUI loads it
+``davae/davae_tiny.safetensors``   our DA-VAE, initialised from ``sd3_vae``
+``davae/da_heads_tiny.safetensors``  our DA heads for ``sd3_transformer`` (small random)
+``loras/lora_tiny.safetensors``    a PEFT LoRA with ``transformer.`` keys (stock loaders)
+``manifest.json``                  what was written, with shapes
+=================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from safetensors.torch import save_file
+
+from .checkpoint import save_davae, save_heads
+from .davae_model import DAVAE, tiny_vae_config
+from .heads import DAHeads, heads_config_for_diffusers
+from .mmdit_keys import diffusers_to_mmdit
+
+# SD3.5-Medium's shape rules at toy width: hidden = 64 * depth (ComfyUI detects depth that way).
+TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "sample_size": 32,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 64,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 128,
+    "pooled_projection_dim": 32,
+    "pos_embed_max_size": 64,
+    "dual_attention_layers": [0],
+    "qk_norm": "rms_norm",
+}
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear"]
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(**tiny_vae_config(attention=True)).eval()
+
+
+def tiny_transformer(seed: int = 0) -> SD3Transformer2DModel:
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()
+    # diffusers zero-initialises some output layers; random values make every path observable
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def random_heads(transformer: SD3Transformer2DModel, seed: int = 0, std: float = 0.02) -> DAHeads:
+    heads = DAHeads(heads_config_for_diffusers(transformer))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return heads
+
+
+def lora_state_dict(transformer: SD3Transformer2DModel, rank: int = 4, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """A LoRA on the stage-2 targets, as ComfyUI's loaders read it (``transformer.`` prefix, alpha = rank)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    model = copy.deepcopy(transformer)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian")
+    inject_adapter_in_model(config, model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make the LoRA actually change outputs
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {"seed": seed, "files": {}}
+
+    vae = tiny_vae(seed)
+    vae.save_pretrained(out / "sd3_vae")
+    manifest["files"]["sd3_vae"] = {"latent_channels": vae.config.latent_channels, "factor": 8}
+
+    transformer = tiny_transformer(seed)
+    transformer.save_pretrained(out / "sd3_transformer")
+    manifest["files"]["sd3_transformer"] = dict(TINY_TRANSFORMER_CONFIG)
+
+    ckpt = out / "checkpoints" / "sd3_tiny.safetensors"
+    ckpt.parent.mkdir(exist_ok=True)
+    mmdit = diffusers_to_mmdit({k: v.clone() for k, v in transformer.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in mmdit.items()}, str(ckpt))
+    manifest["files"]["checkpoints/sd3_tiny.safetensors"] = {"tensors": len(mmdit), "layout": "model.diffusion_model.*"}
+
+    davae = DAVAE.from_base_vae(vae)
+    save_davae(davae, out / "davae" / "davae_tiny.safetensors", info={"fixture": True, "seed": seed})
+    manifest["files"]["davae/davae_tiny.safetensors"] = {"channels": davae.layout.channels, "factor": davae.layout.factor}
+
+    heads = random_heads(transformer, seed)
+    save_heads(heads, out / "davae" / "da_heads_tiny.safetensors", info={"fixture": True, "seed": seed})
+    manifest["files"]["davae/da_heads_tiny.safetensors"] = heads.config.to_dict()
+
+    lora = lora_state_dict(transformer, seed=seed)
+    (out / "loras").mkdir(exist_ok=True)
+    save_file(lora, str(out / "loras" / "lora_tiny.safetensors"))
+    manifest["files"]["loras/lora_tiny.safetensors"] = {"tensors": len(lora), "targets": LORA_TARGETS}
+
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m davae_core.fixtures", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    manifest = write_fixtures(args.out_dir, args.seed)
+    for name in manifest["files"]:
+        print(f"wrote {Path(args.out_dir) / name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Trainers that produce DA-VAE weights (installed as ``davae_training``)."""
