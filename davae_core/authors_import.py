@@ -150,12 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("output", help="our .safetensors file to write")
     ap.add_argument("--kind", choices=["tokenizer", "heads"], default="tokenizer")
     ap.add_argument("--stats", help="their latent_norm_stats.json (detail mean/std), optional")
+    ap.add_argument("--vae-config", help="diffusers config.json of the base VAE (default: the SD3 VAE's)")
     ap.add_argument("--ema", action="store_true", help="heads: take the EMA weights")
     ap.add_argument("--without-base-encoder", action="store_true", help="drop the SD3 encoder copy (ComfyUI then needs the checkpoint's VAE)")
     args = ap.parse_args(argv)
     if args.kind == "tokenizer":
         stats = json.loads(Path(args.stats).read_text()) if args.stats else None
-        model = import_tokenizer(args.source, stats=stats)
+        vae_config = json.loads(Path(args.vae_config).read_text()) if args.vae_config else None
+        model = import_tokenizer(args.source, vae_config=vae_config, stats=stats)
         save_davae(model, args.output, include_base_encoder=not args.without_base_encoder, info={"imported_from": "authors' SD3 diff layout"})
     else:
         save_heads(import_heads(args.source, use_ema=args.ema), args.output, info={"imported_from": "authors' heads"})

@@ -1,0 +1,54 @@
+"""Packaging rules: the repo imports outside ComfyUI, davae_core never imports ComfyUI, and an
+install puts only namespaced packages into site-packages."""
+
+import ast
+import importlib.util
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_imports_outside_comfyui(tmp_path):
+    # ComfyUI imports the pack directory as a package; without ComfyUI that import must not fail
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('davae_pack', r'{ROOT / '__init__.py'}', "
+        f"submodule_search_locations=[r'{ROOT}'])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['davae_pack'] = mod\n"
+        "spec.loader.exec_module(mod)\n"
+        "assert importlib.util.find_spec('comfy_api') is None\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_davae_core_never_imports_comfyui():
+    for path in (ROOT / "davae_core").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in {"comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths"}, f"{path.name} imports {name}"
+
+
+def test_install_exposes_only_namespaced_packages():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = project["tool"]["setuptools"]["packages"]
+    assert all(p.split(".")[0] in {"davae_core", "davae_training"} for p in packages), packages
+    spec = importlib.util.find_spec("davae_training")
+    assert spec is not None and Path(spec.origin).parent == ROOT / "training"
+
+
+def test_torch_stays_out_of_requirements_txt():
+    lines = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert not any(l.lower().startswith(("torch", "torchvision")) for l in lines if l)
