@@ -1,0 +1,313 @@
+"""Stage-1 trainer end to end on CPU with the tiny fixture VAE.
+
+LPIPS runs on the logged random-feature stand-in here: no LPIPS weights can be downloaded in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from davae_core import load_davae, read_metadata
+from davae_training.common import FAULT_ENV, ConfigError, find_latest_checkpoint, load_config
+from davae_training.tokenizer_losses import TokenizerLoss
+from davae_training.tokenizer_stats import ChannelMoments
+from davae_training.train_tokenizer import (
+    TokenizerTrainConfig,
+    build_model,
+    export_from_checkpoint,
+    export_model,
+    make_target,
+    stock_reconstruction,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "training" / "configs"
+TINY = CONFIGS / "tokenizer_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Eight smooth synthetic 48x48 images (structure for the losses to learn)."""
+    out = tmp_path_factory.mktemp("train_images")
+    y, x = np.mgrid[0:48, 0:48].astype(np.float32)
+    for i in range(8):
+        img = np.stack([
+            127 + 120 * np.sin(x / (3 + i)), 127 + 120 * np.cos(y / (4 + i)), 127 + 120 * np.sin((x + y) / (5 + i)),
+        ], -1)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(out / f"img{i}.png")
+    return out
+
+
+def _overrides(fixtures_dir, image_dir, output_dir, **extra) -> list[str]:
+    sets = {
+        "model.pretrained_vae": str(fixtures_dir / "sd3_vae"),
+        "data.sources": f"[{image_dir}]",
+        "data.resolution": 32,
+        "train.output_dir": str(output_dir),
+        "train.max_steps": 4,
+        "train.batch_size": 2,
+        "train.checkpoint_every": 2,
+        "train.checkpoints_total_limit": 5,
+        "train.log_every": 1,
+        "train.image_every": 2,
+        "train.dataloader_num_workers": 0,
+        "loss.gan_start_step": 1,
+        "stats.num_images": 4,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def _cli(overrides: list[str], *more: str) -> list[str]:
+    out = ["--config", str(TINY)]
+    for o in overrides:
+        out += ["--set", o]
+    return out + list(more)
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], env: dict[str, str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == expect_rc, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    if (ckpt / "model_1.safetensors").is_file():  # the discriminator
+        state.update({f"disc.{k}": v for k, v in load_file(str(ckpt / "model_1.safetensors")).items()})
+    return state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(fixtures_dir, image_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_full")
+    _run([sys.executable, "-m", "davae_training.train_tokenizer", *_cli(_overrides(fixtures_dir, image_dir, out))], _env())
+    return out
+
+
+# ---------------------------------------------------------------------------- in-process
+def test_two_steps_lower_the_loss_on_a_fixed_batch(fixtures_dir, image_dir):
+    config = load_config(TokenizerTrainConfig, TINY, _overrides(fixtures_dir, image_dir, "unused") + ["loss.gan_weight=0"])
+    torch.manual_seed(0)
+    model, vae = build_model(config)
+    loss_fn = TokenizerLoss(config.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    batch = torch.stack([torch.from_numpy(np.array(Image.open(image_dir / f"img{i}.png"))[:32, :32]).permute(2, 0, 1).float() / 255 for i in range(2)])
+    target = make_target(config, vae, batch)
+
+    def loss_now():
+        total, _ = loss_fn.generator_loss(model(batch, sample_posterior=False), target, 0)
+        return total
+
+    first = loss_now()
+    losses = [first.item()]
+    for _ in range(2):
+        opt.zero_grad()
+        loss = loss_now()
+        loss.backward()
+        opt.step()
+        losses.append(loss_now().item())
+    assert losses[2] < losses[1] < losses[0], losses
+    # the frozen base encoder did not move
+    assert all(not p.requires_grad for p in model.base_encoder.parameters())
+
+
+def test_authors_recipe_freezes_detail_trunk_and_targets_stock_reconstruction(fixtures_dir, image_dir):
+    config = load_config(TokenizerTrainConfig, CONFIGS / "tokenizer_sd3_authors.yaml", [
+        f"model.pretrained_vae={fixtures_dir / 'sd3_vae'}", "data.resolution=32"])
+    assert config.loss.align_weight == 0.2 and config.loss.gan_weight == 0 and not config.loss.uses_gan
+    model, vae = build_model(config)
+    assert not any(p.requires_grad for p in model.detail_trunk.parameters())
+    assert all(p.requires_grad for p in model.decoder_trunk.parameters())
+    assert all(p.requires_grad for p in model.detail_down.parameters())
+    img = torch.rand(1, 3, 32, 32)
+    target = make_target(config, vae, img)
+    assert torch.allclose(target, stock_reconstruction(vae, img * 2 - 1))
+    assert not torch.allclose(target, img * 2 - 1)
+
+
+def test_shipped_configs_load_and_overrides_apply(fixtures_dir):
+    paper = load_config(TokenizerTrainConfig, CONFIGS / "tokenizer_sd3_paper.yaml")
+    assert (paper.loss.lpips_weight, paper.loss.l1_weight, paper.loss.gan_weight, paper.loss.kl_weight, paper.loss.align_weight) == (1.0, 2.0, 0.1, 1e-7, 1.0)
+    assert paper.train.learning_rate == 1e-4 and paper.train.max_steps == 10000 and paper.data.resolution == 1024
+    tiny = load_config(TokenizerTrainConfig, TINY, ["train.max_steps=7", "data.sources=[a, b]", "loss.kl_weight=1e-3"])
+    assert tiny.train.max_steps == 7 and tiny.data.sources == ["a", "b"] and tiny.loss.kl_weight == 1e-3
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(TokenizerTrainConfig, TINY, ["train.max_stepz=7"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(TokenizerTrainConfig, TINY, ["train.max_steps=many"])
+
+
+def test_detail_statistics_identity_when_disabled(fixtures_dir, image_dir, tmp_path):
+    from davae_training.image_data import build_index
+
+    config = load_config(TokenizerTrainConfig, TINY, _overrides(fixtures_dir, image_dir, tmp_path) + ["stats.enabled=false"])
+    model, _ = build_model(config)
+    records, _ = build_index(config.data)
+    path = export_model(config, model, records, step=0, path=tmp_path / "identity.safetensors")
+    loaded = load_davae(path)
+    assert loaded.normalizer.detail_is_identity
+    assert read_metadata(path)["info"]["detail_statistics"] == "identity (disabled)"
+
+
+def test_channel_moments_match_torch():
+    x = torch.randn(6, 3, 5, 4) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 3
+    m = ChannelMoments(3)
+    m.update(x[:2])
+    m.update(x[2:])
+    flat = x.transpose(0, 1).reshape(3, -1).double()
+    assert torch.allclose(m.mean, flat.mean(1)) and torch.allclose(m.std, flat.std(1))
+
+
+# ---------------------------------------------------------------------------- real runs (subprocesses)
+def test_run_outputs_and_export_loads_and_decodes(uninterrupted_run, fixtures_dir, image_dir):
+    out = uninterrupted_run
+    assert [p.name for p in (out / "checkpoints").iterdir()] and find_latest_checkpoint(out).name == "checkpoint-00000004"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert (out / "samples" / "step_00000002.png").is_file() and (out / "data_report.json").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    model = load_davae(out / "davae.safetensors")
+    assert not model.normalizer.detail_is_identity  # statistics were measured
+    info = read_metadata(out / "davae.safetensors")["info"]
+    assert info["step"] == 4 and info["detail_statistics"]["images"] == 4
+    img = torch.rand(1, 3, 32, 32)
+    latent = model.encode(img)
+    assert latent.shape == (1, 32, 2, 2)
+    rec = model.decode(latent)
+    assert rec.shape == img.shape and torch.isfinite(rec).all()
+    # the exported decoder is the trained one, not the initialisation
+    trained = _weights(find_latest_checkpoint(out))
+    w = trained["model.decoder_up.conv.weight"]
+    assert torch.equal(model.decoder_up.conv.weight, w)
+    init, _ = build_model(load_config(TokenizerTrainConfig, TINY, _overrides(fixtures_dir, image_dir, out)))
+    assert not torch.equal(init.decoder_up.conv.weight, w)
+
+
+def test_export_from_checkpoint(uninterrupted_run, tmp_path):
+    """The export path of ``--export-from`` (run in-process to spare a subprocess start)."""
+    target = tmp_path / "from_ckpt.safetensors"
+    config = load_config(TokenizerTrainConfig, uninterrupted_run / "config.yaml")  # the resolved config the run wrote
+    assert main_args_export(config, target, uninterrupted_run) == target
+    model = load_davae(target)
+    assert read_metadata(target)["info"]["checkpoint"] == "checkpoint-00000004"
+    assert model.decode(model.encode(torch.rand(1, 3, 32, 32))).shape == (1, 3, 32, 32)
+    full = load_davae(uninterrupted_run / "davae.safetensors")
+    assert torch.equal(full.decoder_up.conv.weight, model.decoder_up.conv.weight)
+
+
+def main_args_export(config, target, run_dir):
+    from davae_training.train_tokenizer import parse_args
+
+    args = parse_args(["--config", str(run_dir / "config.yaml"), "--export-from", "latest", "--export-to", str(target)])
+    assert args.export_from == "latest"
+    return export_from_checkpoint(config, args.export_from, args.export_to)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(uninterrupted_run, fixtures_dir, image_dir, tmp_path):
+    out = tmp_path / "run_killed"
+    args = [sys.executable, "-m", "davae_training.train_tokenizer", *_cli(_overrides(fixtures_dir, image_dir, out))]
+    killed = _run(args, _env(DAVAE_FAULT_AFTER_STEP="3"), expect_rc=17)
+    assert "exiting hard after step 3" in killed.stderr
+    assert find_latest_checkpoint(out).name == "checkpoint-00000002"  # step 3 was lost, as allowed
+    assert not (out / "davae.safetensors").exists()
+    resumed = _run(args + ["--resume", "latest"], _env())
+    assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+    full = _weights(find_latest_checkpoint(uninterrupted_run))
+    again = _weights(find_latest_checkpoint(out))
+    assert find_latest_checkpoint(out).name == "checkpoint-00000004"
+    assert full.keys() == again.keys() and any(k.startswith("disc.") for k in full)
+    different = [k for k in full if not torch.equal(full[k], again[k])]
+    assert not different, f"weights differ after resume: {different[:5]}"
+
+
+def test_two_process_cpu_run_keeps_ranks_identical(fixtures_dir, image_dir, tmp_path):
+    out = tmp_path / "run_ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            "-m", "davae_training.train_tokenizer", *_cli(_overrides(fixtures_dir, image_dir, out, **{"train.image_every": 0}))]
+    _run(args, _env())
+    digests = sorted((out / "rank_digests").glob("rank_*.txt"))
+    assert [p.name for p in digests] == ["rank_0.txt", "rank_1.txt"]
+    a, b = (p.read_text().strip() for p in digests)
+    assert a == b and len(a) == 64
+    # trained (not the initial weights) and exported once, by the main process
+    assert load_davae(out / "davae.safetensors").decode(torch.zeros(1, 32, 2, 2)).shape == (1, 3, 32, 32)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def test_evaluation_report_and_grid(uninterrupted_run, fixtures_dir, image_dir, tmp_path):
+    from davae_training.evaluate_tokenizer import main as evaluate_main, reconstruct_all
+    from davae_training.train_tokenizer import TokenizerModelConfig, load_pretrained_vae
+
+    davae = load_davae(uninterrupted_run / "davae.safetensors")
+    vae = load_pretrained_vae(TokenizerModelConfig(pretrained_vae=str(fixtures_dir / "sd3_vae")))
+    img = torch.rand(2, 3, 32, 32)
+    recs = reconstruct_all(davae, vae, img)
+    assert set(recs) == {"davae", "stock_full", "stock_half_upsampled"}
+    assert all(r.shape == img.shape and 0 <= r.min() and r.max() <= 1 for r in recs.values())
+    evaluate_main(["--davae", str(uninterrupted_run / "davae.safetensors"), "--vae", str(fixtures_dir / "sd3_vae"),
+                   "--images", str(image_dir), "--resolution", "32", "--out", str(tmp_path / "eval"), "--max-images", "3"])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["images"] == 3 and set(report["methods"]) == {"davae", "stock_full", "stock_half_upsampled"}
+    for m in report["methods"].values():
+        assert np.isfinite(m["psnr"]) and -1 <= m["ssim"] <= 1
+        assert m["rfid"] is None or np.isfinite(m["rfid"])
+    if report["methods"]["davae"]["rfid"] is None:
+        assert report["rfid_unavailable"]  # the reason is reported, not hidden
+    assert report["methods"]["davae"]["latent_cells"] == report["methods"]["stock_half_upsampled"]["latent_cells"] == 4
+    assert report["methods"]["stock_full"]["latent_cells"] == 16
+    grid = Image.open(tmp_path / "eval" / "grid.png")
+    assert grid.size == (4 * 34 + 2, 3 * 34 + 2)  # 4 columns x 3 images of 32 px with 2 px padding
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    from davae_training.common import STATE_FILE, list_checkpoints, resolve_resume
+
+    root = tmp_path / "checkpoints"
+    for name, complete in [("checkpoint-00000002", True), ("checkpoint-00000010", True),
+                           ("checkpoint-00000012", False), (".tmp-checkpoint-00000014", True)]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / STATE_FILE).write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000010"]
+    assert resolve_resume("latest", tmp_path).name == "checkpoint-00000010"
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("latest", tmp_path / "elsewhere") is None  # nothing yet: fresh start
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(root / "checkpoint-00000012"), tmp_path)
+
+
+def test_image_grid_layout(tmp_path):
+    from davae_training.common import save_image_grid
+
+    rows = [torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8)]
+    path = save_image_grid(rows, tmp_path / "g.png", padding=1)
+    arr = np.array(Image.open(path))
+    assert arr.shape == (2 * 9 + 1, 3 * 9 + 1, 3)
+    assert arr[1:9, 1:9].max() == 0 and arr[10:18, 1:9].min() == 255
+    with pytest.raises(ValueError, match="grid rows"):
+        save_image_grid([torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8)], tmp_path / "bad.png")
