@@ -1,0 +1,175 @@
+"""The warm-started SD3.5 transformer that stage 2 trains (paper Sec. 3.2).
+
+diffusers' ``SD3Transformer2DModel`` from a local diffusers folder, with
+
+* the DA heads of :mod:`davae_core.heads`: P' (detail patch embed) and O' (detail output),
+  zero-initialised, so at step 0 the model is the pretrained one on the base channels and
+  predicts zero detail;
+* a peft LoRA on the blocks (rank 256, alpha 256, targets ``to_q, to_k, to_v, to_out.0,
+  ff.net.2, norm1.linear``; peft matches by suffix, so ``attn2.*`` of SD3.5M's
+  dual-attention blocks are hit too, ``add_*_proj``/``to_add_out``/``ff_context``/
+  ``norm1_context`` are not);
+* P and O (the stock ``pos_embed.proj`` and ``proj_out``) trained in full, as the authors do;
+* everything else frozen, gradient checkpointing on request (``train.gradient_checkpointing``),
+  and an EMA of exactly the trained parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+from torch import nn
+
+from davae_core.heads import DAHeads, attach_to_sd3_transformer, heads_config_for_diffusers, heads_from_sd3_transformer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear"]
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class AdapterModelConfig:
+    """How the trained model is built; the ``model:`` section of a stage-2 config."""
+
+    pretrained: str = ""  # diffusers SD3.5 folder (with transformer/) or a transformer folder
+    detail_channels: int = 16
+    lora_rank: int = 256
+    lora_alpha: float = 256.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_init: str = "gaussian"  # peft init_lora_weights; B starts at zero either way
+    train_base_heads: bool = True  # P and O in full (authors: yes)
+    ema_decay: float = 0.999  # 0 disables the EMA
+
+
+def resolve_transformer_dir(path: str | Path) -> Path:
+    """``path/transformer`` when ``path`` is a full diffusers pipeline folder, else ``path``."""
+    path = Path(path)
+    if (path / "transformer" / "config.json").is_file():
+        return path / "transformer"
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(
+        f"{path}: no diffusers SD3 transformer here (looked for {path / 'transformer' / 'config.json'} "
+        f"and {path / 'config.json'}); point model.pretrained at a diffusers-format SD3.5 folder, e.g. one "
+        "saved with StableDiffusion3Pipeline.save_pretrained"
+    )
+
+
+def load_base_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
+    folder = resolve_transformer_dir(path)
+    model = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
+    if model.config.in_channels != model.config.out_channels or getattr(model.pos_embed, "proj", None) is None:
+        raise ValueError(f"{folder}: expected a stock SD3 transformer, got in/out channels "
+                         f"{model.config.in_channels}/{model.config.out_channels}")
+    return model
+
+
+def lora_target_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """Linear layers a peft ``target_modules`` list hits, by peft's suffix rule (model without LoRA)."""
+    return sorted(
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    )
+
+
+def lora_wrapped_names(model: nn.Module) -> list[str]:
+    """Layers that carry a LoRA after injection."""
+    return sorted(name for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer"))
+
+
+def add_lora(transformer: SD3Transformer2DModel, cfg: AdapterModelConfig) -> None:
+    from peft import LoraConfig
+
+    init = cfg.lora_init
+    init_arg: bool | str = {"true": True, "default": True, "kaiming": True}.get(str(init).lower(), init)
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.lora_targets),
+        init_lora_weights=init_arg,
+    )
+    transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+
+
+def build_adapter_model(cfg: AdapterModelConfig, gradient_checkpointing: bool = False,
+                        dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
+    """Stock transformer -> frozen, + LoRA, + zero-init DA heads, with P, P', O, O' trainable."""
+    transformer = load_base_transformer(cfg.pretrained, dtype)
+    return prepare_adapter_model(transformer, cfg, gradient_checkpointing)
+
+
+def prepare_adapter_model(transformer: SD3Transformer2DModel, cfg: AdapterModelConfig,
+                          gradient_checkpointing: bool = False) -> SD3Transformer2DModel:
+    transformer.requires_grad_(False)
+    if cfg.lora_rank > 0:
+        add_lora(transformer, cfg)
+    heads_cfg = heads_config_for_diffusers(transformer, cfg.detail_channels)
+    param = transformer.pos_embed.proj.weight
+    heads = DAHeads(heads_cfg, device=param.device, dtype=param.dtype)
+    attach_to_sd3_transformer(transformer, heads)
+    heads.requires_grad_(True)
+    if cfg.train_base_heads:
+        transformer.pos_embed.proj.stock.requires_grad_(True)
+        transformer.proj_out.stock.requires_grad_(True)
+    for name, p in transformer.named_parameters():  # peft marks LoRA trainable; make sure
+        if "lora_" in name:
+            p.requires_grad_(True)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Name -> parameter of everything stage 2 trains (LoRA, P, P', O, O'), in a fixed order."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trained_parameters(model).items()}
+
+
+@torch.no_grad()
+def load_trained_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Put trained tensors back; refuses missing, extra or mis-shaped names."""
+    params = trained_parameters(model)
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"{source}: does not match this adapter model ({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(extra)} unexpected, e.g. {extra[:2]}); was it trained with another LoRA rank/targets "
+            "or detail_channels? Use the run's own config"
+        )
+    for name, p in params.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model needs {tuple(p.shape)}")
+        p.copy_(state[name].to(p.dtype))
+
+
+def make_ema(model: nn.Module, decay: float):
+    """diffusers' EMAModel over the trained parameters (None when ``decay`` is 0)."""
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(list(trained_parameters(model).values()), decay=decay)
+
+
+def da_heads(model: nn.Module, include_base: bool = False) -> DAHeads:
+    return heads_from_sd3_transformer(model, include_base=include_base)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformer inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

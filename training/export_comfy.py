@@ -1,0 +1,127 @@
+"""Export a stage-2 run for ComfyUI: a LoRA file and a DA heads file.
+
+    python -m davae_training.export_comfy --run RUN_DIR [--checkpoint latest|PATH] [--no-ema] --out OUT_DIR
+
+* ``<name>_lora.safetensors``: the peft LoRA with diffusers/peft names and the
+  ``transformer.`` prefix (``transformer.transformer_blocks.N.attn.to_q.lora_A.weight``), which
+  ComfyUI's stock LoRA loaders map onto its MMDiT (``comfy.utils.mmdit_to_diffusers``).  ComfyUI
+  scales a LoRA by ``alpha / rank`` when ``.alpha`` keys exist and by 1.0 otherwise, so
+  ``.alpha`` keys are written whenever alpha != rank (``--alpha-keys always`` writes them
+  anyway).  The header carries diffusers' ``lora_adapter_metadata`` so diffusers'
+  ``load_lora_adapter`` rebuilds the same LoraConfig.
+* ``<name>_heads.safetensors``: our DA heads format (:func:`davae_core.save_heads`) with P' and
+  O', plus the retrained P and O when they differ from the base model's.  The DA-SD3 Model
+  Patch node loads it; it is never merged into the checkpoint (ComfyUI detects SD3 by its
+  16-channel P).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from davae_core.checkpoint import save_heads
+
+from .adapter_model import ADAPTER_NAME, da_heads, lora_wrapped_names
+
+LORA_PREFIX = "transformer."
+LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def lora_state_dict_for_comfy(transformer: nn.Module, alpha_keys: str = "auto",
+                              dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
+    """``transformer.``-prefixed peft LoRA tensors (+ ``.alpha``) and the LoraConfig as a dict."""
+    from peft import get_peft_model_state_dict
+
+    config = transformer.peft_config[ADAPTER_NAME]
+    rank, alpha = int(config.r), float(config.lora_alpha)
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("per-layer rank/alpha patterns cannot be expressed for ComfyUI's loaders; train with one rank/alpha")
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    out = {LORA_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    write_alpha = alpha_keys == "always" or (alpha_keys == "auto" and alpha != rank)
+    if write_alpha:
+        for layer in {k.rsplit(".lora_A.", 1)[0] for k in out if ".lora_A." in k}:
+            out[f"{layer}.alpha"] = torch.tensor(alpha)
+    meta = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(config.target_modules),
+            "init_lora_weights": str(config.init_lora_weights)}
+    return out, meta
+
+
+def export_lora(transformer: nn.Module, path: str | os.PathLike, alpha_keys: str = "auto", info: dict | None = None,
+                dtype: torch.dtype = torch.float32) -> Path:
+    tensors, meta = lora_state_dict_for_comfy(transformer, alpha_keys, dtype)
+    layers = lora_wrapped_names(transformer)
+    exported = {k[len(LORA_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+    dropped = sorted(set(layers) - exported)
+    if dropped:  # would silently weaken the LoRA in ComfyUI
+        raise RuntimeError(f"{len(dropped)} LoRA layers have no exported tensors, e.g. {dropped[:3]}")
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(meta), "davae_info": json.dumps(info or {})}
+    return _atomic_save(tensors, Path(path), header)
+
+
+def base_heads_changed(transformer: nn.Module, base_state: dict[str, torch.Tensor], atol: float = 0.0) -> bool:
+    """Whether the trained P or O differ from the pretrained ``pos_embed.proj`` / ``proj_out``."""
+    heads = da_heads(transformer, include_base=True)
+    pairs = [(heads.base_embed, "pos_embed.proj"), (heads.base_out, "proj_out")]
+    for layer, name in pairs:
+        for pname, p in layer.named_parameters():
+            ref = base_state[f"{name}.{pname}"].to(p.device, torch.float32)
+            if not torch.allclose(p.detach().float(), ref, atol=atol, rtol=0):
+                return True
+    return False
+
+
+def export_heads(transformer: nn.Module, path: str | os.PathLike, base_state: dict[str, torch.Tensor] | None = None,
+                 info: dict | None = None) -> Path:
+    """P', O' always; P, O when ``base_state`` is None or they moved away from it."""
+    include_base = base_state is None or base_heads_changed(transformer, base_state)
+    heads = da_heads(transformer, include_base=include_base)
+    about = {"base_heads": "retrained P and O included" if include_base else "stock P and O (unchanged)", **(info or {})}
+    return save_heads(heads, path, info=about)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def export_for_comfy(transformer: nn.Module, out_dir: str | os.PathLike, name: str, base_state: dict[str, torch.Tensor] | None,
+                     alpha_keys: str = "auto", info: dict | None = None, lora_dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    out = Path(out_dir)
+    return {
+        "lora": export_lora(transformer, out / f"{name}_lora.safetensors", alpha_keys, info, lora_dtype),
+        "heads": export_heads(transformer, out / f"{name}_heads.safetensors", base_state, info),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .train_adapter import load_run_for_export
+
+    ap = argparse.ArgumentParser(prog="python -m davae_training.export_comfy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="the stage-2 run directory (output_dir of its config)")
+    ap.add_argument("--checkpoint", default="latest", help="'latest', 'final' or a checkpoint directory")
+    ap.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    ap.add_argument("--out", default=None, help="output folder (default RUN/export)")
+    ap.add_argument("--name", default="da_sd35m", help="file name stem")
+    ap.add_argument("--alpha-keys", choices=["auto", "always"], default="auto")
+    ap.add_argument("--dtype", choices=list(LORA_DTYPES), default="float32", help="LoRA tensor dtype (fp16 halves the file)")
+    args = ap.parse_args(argv)
+    transformer, base_state, info = load_run_for_export(args.run, args.checkpoint, use_ema=not args.no_ema)
+    paths = export_for_comfy(transformer, args.out or Path(args.run) / "export", args.name, base_state, args.alpha_keys, info,
+                             LORA_DTYPES[args.dtype])
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""SD3 text conditioning for stage 2: ``(B, T, joint_attention_dim)`` tokens + ``(B, pooled_dim)``.
+
+Two implementations of one small interface (``encode(prompts) -> (embeds, pooled)``,
+``joint_attention_dim``, ``pooled_dim``, ``name``):
+
+* :class:`SD3TextConditioner` - the real one: CLIP-L, CLIP-G and T5 from the local diffusers
+  SD3.5 folder, combined exactly as diffusers' ``StableDiffusion3Pipeline.encode_prompt``
+  does (it is what runs; T5 may be absent, the pipeline then pads with zeros).
+* :class:`HashingTextConditioner` - a **test stand-in**, not a text encoder: every word is
+  hashed to a fixed random vector.  It exists because no CLIP/T5 weights (nor their
+  tokenizers) can be had on the machines the tests run on.  Captions still change the
+  conditioning deterministically, so data plumbing, caching and prompt dropout are exercised,
+  but a model trained on it has learnt nothing about language.  Select it only with
+  ``text.kind: hashing_standin``.
+
+:func:`write_tiny_sd3_pipeline` writes a whole diffusers SD3 folder around a tiny transformer
+and VAE, with random-weight CLIP-L/CLIP-G/T5 whose tokenizers are built offline (byte-level
+CLIP BPE, character T5), so :class:`SD3TextConditioner`, the synthetic-data command and the
+trainer's real text path run without any download:
+
+    python -m davae_training.text_encoding --write-tiny FOLDER --transformer runs/fixtures/sd3_transformer \\
+        --vae runs/fixtures/sd3_vae
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TEXT_KINDS = ("sd3", "hashing_standin")
+
+
+@dataclass
+class TextConfig:
+    """The ``text:`` section of a stage-2 config."""
+
+    kind: str = "sd3"
+    pretrained: str = ""  # diffusers SD3.5 folder; empty = model.pretrained
+    max_sequence_length: int = 256  # T5 tokens (SD3 default 256)
+    dtype: str = "float32"  # "bfloat16" / "float16" on GPUs
+    # stand-in only: shape of what it produces (the transformer's joint_attention_dim / pooled_projection_dim)
+    standin_tokens: int = 16
+    standin_joint_attention_dim: int = 4096
+    standin_pooled_dim: int = 2048
+
+
+class HashingTextConditioner(nn.Module):
+    """TEST STAND-IN for SD3's text encoders: words -> hashed fixed random vectors.
+
+    ``embeds[b, i]`` is the vector of the i-th word (zeros past the caption, ``tokens`` slots);
+    ``pooled[b]`` is a fixed random projection of their mean.  Deterministic across processes
+    and machines (md5 of the word, a seeded table).  The empty prompt gives all zeros.
+    """
+
+    name = "hashing_standin"
+
+    def __init__(self, joint_attention_dim: int, pooled_dim: int, tokens: int = 16, buckets: int = 4096, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("table", torch.randn(buckets, joint_attention_dim, generator=gen), persistent=False)
+        self.register_buffer("pool", torch.randn(joint_attention_dim, pooled_dim, generator=gen) / joint_attention_dim**0.5, persistent=False)
+        self.joint_attention_dim, self.pooled_dim, self.tokens, self.buckets = joint_attention_dim, pooled_dim, tokens, buckets
+
+    def _ids(self, prompt: str) -> list[int]:
+        words = re.findall(r"\w+", prompt.lower())[: self.tokens]
+        return [int.from_bytes(hashlib.md5(w.encode()).digest()[:4], "little") % self.buckets for w in words]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = torch.zeros(len(prompts), self.tokens, self.joint_attention_dim, device=self.table.device)
+        for b, prompt in enumerate(prompts):
+            ids = self._ids(prompt)
+            if ids:
+                embeds[b, : len(ids)] = self.table[torch.tensor(ids, device=self.table.device)]
+        pooled = embeds.mean(1) @ self.pool
+        return embeds, pooled
+
+
+class SD3TextConditioner:
+    """CLIP-L + CLIP-G + T5 of a local diffusers SD3.5 folder, through diffusers' own ``encode_prompt``."""
+
+    name = "sd3"
+
+    def __init__(self, folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_sequence_length: int = 256):
+        from diffusers import StableDiffusion3Pipeline
+
+        folder = Path(folder)
+        missing = [d for d in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") if not (folder / d).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: no SD3 text encoders ({', '.join(missing)} missing). Point text.pretrained at a full "
+                "diffusers SD3.5 folder, or cache text embeddings elsewhere (data.cache_dir) and train from the cache"
+            )
+        has_t5 = (folder / "text_encoder_3").is_dir() and (folder / "tokenizer_3").is_dir()
+        extra = {} if has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+        if not has_t5:
+            logger.warning("%s: no T5 (text_encoder_3); its tokens are zeros, as the SD3 pipeline does without it", folder)
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(
+            str(folder), transformer=_config_only_transformer(folder), vae=None, torch_dtype=dtype, **extra)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            encoder = getattr(self.pipe, name)
+            if encoder is not None:
+                encoder.to(device).requires_grad_(False).eval()
+        self.device = torch.device(device)
+        self.max_sequence_length = max_sequence_length
+        te2 = self.pipe.text_encoder_2.config
+        self.pooled_dim = self.pipe.text_encoder.config.projection_dim + te2.projection_dim
+        self.joint_attention_dim = self.pipe.transformer.config.joint_attention_dim
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )
+        return embeds, pooled
+
+
+def _config_only_transformer(folder: Path):
+    """The SD3 transformer on the meta device: ``encode_prompt`` reads its config, never its weights."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+
+    config_dir = folder / "transformer"
+    if not (config_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no transformer/config.json; SD3's text conditioning is sized by it")
+    with init_empty_weights():
+        return SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(config_dir)))
+
+
+def build_text_conditioner(cfg: TextConfig, model_folder: str = "", device: torch.device | str = "cpu"):
+    if cfg.kind == "sd3":
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
+        return SD3TextConditioner(cfg.pretrained or model_folder, device, dtype, cfg.max_sequence_length)
+    if cfg.kind == "hashing_standin":
+        logger.warning("text.kind=hashing_standin: captions are hashed, not encoded - a TEST STAND-IN, not for real training")
+        return HashingTextConditioner(cfg.standin_joint_attention_dim, cfg.standin_pooled_dim, cfg.standin_tokens).to(device)
+    raise ValueError(f"text.kind must be one of {TEXT_KINDS}, got {cfg.kind!r}")
+
+
+# ---------------------------------------------------------------------------- tiny encoders (tests, smoke runs)
+def _byte_level_clip_tokenizer(folder: Path):
+    """CLIP's byte-level BPE with no merges: every character is a token (vocab of 514)."""
+    from transformers import CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    codes = printable[:]
+    extra = 0
+    for b in range(256):  # GPT-2/CLIP's byte -> unicode table
+        if b not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in codes]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def _character_t5_tokenizer(folder: Path):
+    """A unigram tokenizer over single characters, in T5's layout (pad 0, eos 1, unk 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    tk = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = T5TokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                          model_max_length=512)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def tiny_text_encoders(joint_attention_dim: int = 64, pooled_dim: int = 32, seed: int = 0, with_t5: bool = True) -> dict:
+    """Random-weight CLIP-L, CLIP-G (and T5) with offline tokenizers, as StableDiffusion3Pipeline
+    components, sized for a transformer with these ``joint_attention_dim`` / ``pooled_projection_dim``.
+    They encode nothing meaningful."""
+    import tempfile
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if joint_attention_dim % 2 or pooled_dim % 2:
+        raise ValueError("joint_attention_dim and pooled_dim must be even (split between CLIP-L and CLIP-G)")
+    torch.manual_seed(seed)
+    parts: dict = {"text_encoder_3": None, "tokenizer_3": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        for sub in ("", "_2"):
+            tok = _byte_level_clip_tokenizer(Path(tmp) / f"tokenizer{sub}")
+            cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=joint_attention_dim // 2,
+                                 intermediate_size=2 * joint_attention_dim, num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=77, projection_dim=pooled_dim // 2, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            parts[f"tokenizer{sub}"] = tok
+            parts[f"text_encoder{sub}"] = CLIPTextModelWithProjection(cfg).eval()
+        if with_t5:
+            tok = _character_t5_tokenizer(Path(tmp) / "tokenizer_3")
+            cfg = T5Config(vocab_size=len(tok), d_model=joint_attention_dim, d_ff=2 * joint_attention_dim,
+                           d_kv=joint_attention_dim // 2, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1,
+                           decoder_start_token_id=0)
+            parts["tokenizer_3"], parts["text_encoder_3"] = tok, T5EncoderModel(cfg).eval()
+    return parts
+
+
+def write_tiny_sd3_pipeline(folder: str | Path, transformer_dir: str | Path, vae_dir: str | Path, seed: int = 0,
+                            with_t5: bool = True) -> Path:
+    """A complete diffusers SD3 folder (model_index.json, all components) around a tiny transformer
+    and VAE, with :func:`tiny_text_encoders`: for tests and smoke runs of the real code paths."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel.from_pretrained(str(transformer_dir))
+    encoders = tiny_text_encoders(transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim, seed, with_t5)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=AutoencoderKL.from_pretrained(str(vae_dir)),
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **encoders)
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m davae_training.text_encoding",
+                                 description="Write a tiny random diffusers SD3 folder (for tests and smoke runs).")
+    ap.add_argument("--write-tiny", required=True, metavar="FOLDER")
+    ap.add_argument("--transformer", required=True, help="a tiny SD3Transformer2DModel folder (davae_core.fixtures: sd3_transformer)")
+    ap.add_argument("--vae", required=True, help="a tiny SD3-layout AutoencoderKL folder (davae_core.fixtures: sd3_vae)")
+    ap.add_argument("--no-t5", action="store_true")
+    args = ap.parse_args(argv)
+    print(write_tiny_sd3_pipeline(args.write_tiny, args.transformer, args.vae, with_t5=not args.no_t5))
+
+
+if __name__ == "__main__":
+    main()
