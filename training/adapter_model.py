@@ -44,6 +44,13 @@ class AdapterModelConfig:
     lora_init: str = "gaussian"  # peft init_lora_weights; B starts at zero either way
     train_base_heads: bool = True  # P and O in full (authors: yes)
     ema_decay: float = 0.999  # 0 disables the EMA
+    # "zero": P', O' start at zero (the paper's warm start); "random": PyTorch's default init,
+    # the "without zero-init" ablation of Table 5
+    heads_init: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.heads_init not in ("zero", "random"):
+            raise ValueError(f"model.heads_init must be 'zero' or 'random', got {self.heads_init!r}")
 
 
 def resolve_transformer_dir(path: str | Path) -> Path:
@@ -111,6 +118,9 @@ def prepare_adapter_model(transformer: SD3Transformer2DModel, cfg: AdapterModelC
     heads_cfg = heads_config_for_diffusers(transformer, cfg.detail_channels)
     param = transformer.pos_embed.proj.weight
     heads = DAHeads(heads_cfg, device=param.device, dtype=param.dtype)
+    if cfg.heads_init == "random":
+        heads.detail_embed.reset_parameters()
+        heads.detail_out.reset_parameters()
     attach_to_sd3_transformer(transformer, heads)
     heads.requires_grad_(True)
     if cfg.train_base_heads:

@@ -1,0 +1,104 @@
+"""Procedural images for the demo: structure at the base resolution, detail only at full resolution.
+
+Each image is a smooth two-colour background gradient with one large shape (what the base
+latent of the half-resolution image can carry), overlaid with what a 2x downsample wipes out:
+one-pixel stripes or a checker texture inside the shape, thin strokes and a hard outline.  A
+caption names the parts ("red circle, blue background, stripes"), so a text-conditioned toy
+DiT has something to follow.  Everything is a pure function of ``(seed, index)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+COLOURS = {
+    "red": (0.85, 0.15, 0.15),
+    "green": (0.2, 0.7, 0.25),
+    "blue": (0.15, 0.3, 0.85),
+    "yellow": (0.95, 0.85, 0.2),
+    "purple": (0.6, 0.25, 0.75),
+    "white": (0.95, 0.95, 0.95),
+}
+SHAPES = ("circle", "square", "triangle")
+TEXTURES = ("stripes", "checker", "dots")
+
+
+@dataclass(frozen=True)
+class ProceduralSample:
+    image: torch.Tensor  # (3, H, W) in [0, 1]
+    caption: str
+
+
+def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    if shape == "circle":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    if shape == "square":
+        return (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+    # upward triangle inscribed in the square of half-size r
+    return (yy >= cy - r) & (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
+
+
+def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
+    if kind == "stripes":
+        return ((xx + yy) // period) % 2 == 0
+    if kind == "checker":
+        return ((yy // period) + (xx // period)) % 2 == 0
+    return ((yy % (2 * period)) < period // 2 + 1) & ((xx % (2 * period)) < period // 2 + 1)
+
+
+def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
+    """The ``index``-th image of the stream ``seed`` (deterministic, no global RNG)."""
+    rng = np.random.default_rng([seed, index])
+    names = list(COLOURS)
+    fg, bg = rng.choice(len(names), size=2, replace=False)
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    # base-resolution structure: gradient background and a large shape
+    bg_rgb = np.array(COLOURS[names[bg]], dtype=np.float32)
+    ramp = (0.75 + 0.25 * (yy / size))[..., None]
+    img = bg_rgb[None, None, :] * ramp
+    r = size * rng.uniform(0.2, 0.32)
+    cy, cx = rng.uniform(r + 2, size - r - 2, size=2)
+    mask = _shape_mask(shape, yy, xx, cy, cx, r)
+    fg_rgb = np.array(COLOURS[names[fg]], dtype=np.float32)
+
+    # full-resolution detail: 1-2 px texture, hard outline, thin strokes
+    period = int(rng.integers(2, 4))
+    tex = _texture(texture, yy.astype(int), xx.astype(int), period)
+    shade = np.where(tex, 1.0, 0.55)[..., None]
+    img = np.where(mask[..., None], fg_rgb[None, None, :] * shade, img)
+    outline = mask & ~_shape_mask(shape, yy, xx, cy, cx, r - 1.0)
+    img[outline] = 0.05
+    for _ in range(int(rng.integers(2, 5))):
+        y0, x0, y1, x1 = rng.uniform(0, size, size=4)
+        t = np.linspace(0.0, 1.0, 2 * size)
+        ys = np.clip((y0 + (y1 - y0) * t).astype(int), 0, size - 1)
+        xs = np.clip((x0 + (x1 - x0) * t).astype(int), 0, size - 1)
+        img[ys, xs] = 0.02 if rng.random() < 0.5 else 0.98
+
+    caption = f"{names[fg]} {shape} with {texture} on {names[bg]} background"
+    return ProceduralSample(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)).clamp(0, 1), caption)
+
+
+def make_batch(start: int, count: int, size: int = 128, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    samples = [make_sample(start + i, size, seed) for i in range(count)]
+    return torch.stack([s.image for s in samples]), [s.caption for s in samples]
+
+
+def write_folder(out_dir: str | Path, count: int, size: int = 128, seed: int = 0) -> Path:
+    """PNG + sidecar .txt caption per image: the folder layout the trainers read."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        sample = make_sample(i, size, seed)
+        array = (sample.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(out / f"{i:05d}.png")
+        (out / f"{i:05d}.txt").write_text(sample.caption)
+    return out
