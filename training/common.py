@@ -263,21 +263,27 @@ def init_trackers(accelerator, loop: TrainLoopConfig, config: Any) -> None:
 
 
 def setup_logging(accelerator, output_dir: str | os.PathLike) -> None:
-    """INFO to stderr on the main process (warnings everywhere) and to ``<output_dir>/train.log``."""
+    """INFO to stderr on the main process (warnings everywhere) and to ``<output_dir>/train.log``.
+
+    Records still propagate to the root logger, so an application (or pytest) that configured
+    logging keeps seeing them; the stderr handler is only added when the root has none.
+    """
     level = logging.INFO if accelerator.is_main_process else logging.WARNING
     fmt = logging.Formatter(f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(name)s: %(message)s")
     logger.setLevel(level)
-    logger.propagate = False
-    for h in list(logger.handlers):
+    for h in [h for h in logger.handlers if getattr(h, "_davae_training", False)]:
         logger.removeHandler(h)
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt)
-    logger.addHandler(stream)
+        h.close()
+    handlers: list[logging.Handler] = []
+    if not logging.getLogger().handlers:
+        handlers.append(logging.StreamHandler(sys.stderr))
     if accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(Path(output_dir) / "train.log")
-        fh.setFormatter(fmt)
-        logger.addHandler(fh)
+        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._davae_training = True  # ours to replace on the next call
+        logger.addHandler(h)
 
 
 def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train"):

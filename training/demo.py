@@ -44,8 +44,8 @@ class DemoConfig:
     seed: int = 0
     train_images: int = 512
     eval_images: int = 48
-    base_vae_steps: int = 300
-    base_dit_steps: int = 600
+    base_vae_steps: int = 400
+    base_dit_steps: int = 1500
     stage1_steps: int = 200
     stage2_steps: int = 400
     batch_size: int = 8
