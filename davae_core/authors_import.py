@@ -131,11 +131,7 @@ def import_heads(path: str | os.PathLike, use_ema: bool = False) -> DAHeads:
     config, state = convert_heads_state(raw, str(path))
     heads = DAHeads(config)
     if "base_embed.weight" in state:
-        p = config.patch_size
-        heads.set_base_layers(
-            torch.nn.Conv2d(config.base_channels, config.hidden_size, p, p),
-            torch.nn.Linear(config.hidden_size, p * p * config.base_channels),
-        )
+        heads.add_base_layers()
     check_state_dict(path, heads, state)
     heads.load_state_dict(state)
     return heads

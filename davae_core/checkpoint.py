@@ -207,11 +207,7 @@ def load_heads(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     state = load_tensors(path)
     heads = DAHeads(config)
     if any(k.startswith("base_embed.") for k in state):
-        p = config.patch_size
-        heads.set_base_layers(
-            nn.Conv2d(config.base_channels, config.hidden_size, p, p),
-            nn.Linear(config.hidden_size, p * p * config.base_channels),
-        )
+        heads.add_base_layers()
     check_state_dict(path, heads, state)
     heads.load_state_dict(state)
     return heads.to(device=device, dtype=dtype)

@@ -66,6 +66,17 @@ class DAHeads(nn.Module):
     def set_base_layers(self, base_embed: nn.Module | None, base_out: nn.Module | None) -> None:
         self.base_embed, self.base_out = base_embed, base_out
 
+    def add_base_layers(
+        self,
+        conv_cls: Callable[..., nn.Conv2d] = nn.Conv2d,
+        linear_cls: Callable[..., nn.Linear] = nn.Linear,
+        **kw: Any,
+    ) -> "DAHeads":
+        """Empty P and O of this config's shapes, for loading retrained ones into."""
+        c, p, hidden = self.config.base_channels, self.config.patch_size, self.config.hidden_size
+        self.set_base_layers(conv_cls(c, hidden, kernel_size=p, stride=p, **kw), linear_cls(hidden, p * p * c, **kw))
+        return self
+
 
 class DetailPatchEmbed(nn.Module):
     """``P(x[:, :C]) + P'(x[:, C:])``: the stock embedder keeps the base channels."""

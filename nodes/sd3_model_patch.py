@@ -68,8 +68,7 @@ def build_heads(model, heads: DAHeads | None, heads_name: str) -> DAHeads:
     da = DAHeads(expected, conv_cls=ops.Conv2d, linear_cls=ops.Linear, **kw)
     if heads is not None:
         if heads.base_embed is not None:
-            p, c, hidden = expected.patch_size, expected.base_channels, expected.hidden_size
-            da.set_base_layers(ops.Conv2d(c, hidden, p, p, **kw), ops.Linear(hidden, p * p * c, **kw))
+            da.add_base_layers(ops.Conv2d, ops.Linear, **kw)
         da.load_state_dict(heads.state_dict())
     return da.requires_grad_(False)
 
