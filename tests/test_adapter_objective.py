@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from davae_training.adapter_objective import (
+from davae_training.stage2.objective import (
     FlowObjectiveConfig,
     drop_prompts,
     flow_matching_loss,

@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from davae_training.demo import main
+from davae_training.demo.pipeline import main
 
 
 def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):

@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from davae_training.procedural_images import make_batch, make_sample, write_folder
-from davae_training.swd import laplacian_pyramid, multiscale_swd
+from davae_training.demo.procedural_images import make_batch, make_sample, write_folder
+from davae_training.demo.swd import laplacian_pyramid, multiscale_swd
 
 
 def test_procedural_images_are_deterministic_and_captioned():

@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from davae_core.checkpoint import load_heads
 from davae_core.fixtures import TINY_TRANSFORMER_CONFIG, tiny_transformer
 from davae_core.heads import attach_to_sd3_transformer
-from davae_training.adapter_model import (
+from davae_training.stage2.model import (
     DEFAULT_LORA_TARGETS,
     AdapterModelConfig,
     lora_target_names,
     prepare_adapter_model,
 )
-from davae_training.export_comfy import export_heads, export_lora
+from davae_training.stage2.export import export_heads, export_lora
 
 STOCK_HEADS = ("pos_embed.proj.", "proj_out.")
 

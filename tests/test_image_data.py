@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from davae_training.image_data import (
+from davae_training.data.images import (
     ImageDataConfig,
     ImageDataset,
     ResumableSampler,

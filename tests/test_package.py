@@ -46,9 +46,19 @@ def test_install_exposes_only_namespaced_packages():
     packages = project["tool"]["setuptools"]["packages"]
     assert all(p.split(".")[0] in {"davae_core", "davae_training"} for p in packages), packages
     spec = importlib.util.find_spec("davae_training")
-    assert spec is not None and Path(spec.origin).parent == ROOT / "training"
+    assert spec is not None and Path(spec.origin).resolve().parent == (ROOT / "training").resolve()
 
 
 def test_torch_stays_out_of_requirements_txt():
     lines = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
     assert not any(l.lower().startswith(("torch", "torchvision")) for l in lines if l)
+
+
+def test_every_training_subpackage_is_installed():
+    # with a package-dir mapping, setuptools installs only the packages it is told about
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    folders = {".".join(("davae_training",) + p.parent.relative_to(ROOT / "training").parts).rstrip(".")
+               for p in (ROOT / "training").rglob("__init__.py")}
+    assert "davae_training.stage2" in folders
+    assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"

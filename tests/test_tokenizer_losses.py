@@ -9,7 +9,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from davae_core import alignment_loss
-from davae_training.tokenizer_losses import (
+from davae_training.stage1.losses import (
     PatchDiscriminator,
     RandomFeaturePerceptual,
     TokenizerLoss,

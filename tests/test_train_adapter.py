@@ -3,7 +3,7 @@
 No SD3.5 weights exist on the machines these tests run on, so the "SD3.5 folder" is a tiny
 diffusers StableDiffusion3Pipeline folder: the fixtures' transformer (under transformer/) and
 VAE, with random-weight CLIP-L/CLIP-G/T5 whose tokenizers are built offline
-(davae_training.text_encoding.write_tiny_sd3_pipeline).  The real code paths (diffusers'
+(davae_training.stage2.text_conditioning.write_tiny_sd3_pipeline).  The real code paths (diffusers'
 encode_prompt, StableDiffusion3Pipeline for the synthetic data) run on it.  The shipped tiny
 config uses the hashing text stand-in instead; the kill-and-resume runs use that config as is.
 """
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
-from davae_training.adapter_model import (
+from davae_training.stage2.model import (
     AdapterModelConfig,
     build_adapter_model,
     load_base_transformer,
@@ -29,7 +29,7 @@ from davae_training.adapter_model import (
     resolve_transformer_dir,
     trained_parameters,
 )
-from davae_training.adapter_objective import FlowObjectiveConfig, flow_matching_loss
+from davae_training.stage2.objective import FlowObjectiveConfig, flow_matching_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "adapter_tiny.yaml"
@@ -39,7 +39,7 @@ PROMPTS = ["a red fox in the snow", "a bowl of ramen", "a city at night", "a mou
 @pytest.fixture(scope="module")
 def sd35_folder(fixtures_dir, tmp_path_factory):
     """A tiny diffusers SD3.5 folder: model_index.json, transformer/ (the fixture), vae/, text encoders."""
-    from davae_training.text_encoding import write_tiny_sd3_pipeline
+    from davae_training.stage2.text_conditioning import write_tiny_sd3_pipeline
 
     root = tmp_path_factory.mktemp("sd35_tiny") / "sd35"
     return write_tiny_sd3_pipeline(root, fixtures_dir / "sd3_transformer", fixtures_dir / "sd3_vae")
@@ -48,7 +48,7 @@ def sd35_folder(fixtures_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(sd35_folder, tmp_path_factory):
     """The synthetic-data command's output: the base pipeline's images for PROMPTS, captions kept."""
-    from davae_training.synthetic_data import SD3PipelineGenerator, build_synthetic_dataset
+    from davae_training.data.synthetic import SD3PipelineGenerator, build_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
     generator = SD3PipelineGenerator(sd35_folder, resolution=96, steps=2, guidance=2.0, device="cpu", dtype=torch.float32)
@@ -173,7 +173,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, sd35_folder, fixt
     lora = load_file(str(full / "export" / "da_tiny_lora.safetensors"))
     assert all(k.startswith("transformer.") for k in lora)
     # the export command, from the run folder, writes the same files as the end of training (EMA weights)
-    from davae_training.export_comfy import main as export
+    from davae_training.stage2.export import main as export
 
     export(["--run", str(full), "--checkpoint", "final", "--out", str(tmp_path / "cli"), "--name", "da_tiny"])
     for kind in ("lora", "heads"):
@@ -198,8 +198,8 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, sd35_folder, fixtures_d
 
 # ---------------------------------------------------------------------------- data
 def test_synthetic_dataset_keeps_captions_and_resumes(images, tmp_path):
-    from davae_training.image_data import ImageDataConfig, build_index, read_caption
-    from davae_training.synthetic_data import main as synthesise
+    from davae_training.data.images import ImageDataConfig, build_index, read_caption
+    from davae_training.data.synthetic import main as synthesise
 
     records, report = build_index(ImageDataConfig(sources=[str(images)], resolution=64))
     assert report.kept == 8
@@ -219,12 +219,14 @@ def test_synthetic_dataset_keeps_captions_and_resumes(images, tmp_path):
 
 
 def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, sd35_folder, fixtures_dir, images, monkeypatch):
-    import davae_training.train_adapter as ta
+    import davae_training.stage2.trainer as ta
     from davae_core.checkpoint import load_davae
-    from davae_training.caption_data import CachedConditioningDataset, CaptionDataConfig, build_cache
-    from davae_training.common import load_config
-    from davae_training.image_data import ImageDataConfig, ImageDataset, build_index
-    from davae_training.text_encoding import SD3TextConditioner
+    from davae_training.stage2.caption_cache import CachedConditioningDataset, build_cache
+    from davae_training.stage2.config import CaptionDataConfig
+    from davae_training.config import load_config
+    from davae_training.stage2.config import AdapterTrainConfig
+    from davae_training.data.images import ImageDataConfig, ImageDataset, build_index
+    from davae_training.stage2.text_conditioning import SD3TextConditioner
 
     images_cfg = ImageDataConfig(sources=[str(images)], resolution=64, crop="center")
     records, _ = build_index(images_cfg)
@@ -257,7 +259,7 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
     monkeypatch.setattr(ta, "build_text_conditioner", forbidden)
     args = _overrides(tmp_path / "run", sd35_folder, fixtures_dir, images, "train.max_steps=2", "train.checkpoint_every=0",
                       f"data.cache_dir={cache}", "tokenizer.path=''", "export.enabled=false")
-    cfg = load_config(ta.AdapterTrainConfig, TINY_CONFIG, args[1::2])
+    cfg = load_config(AdapterTrainConfig, TINY_CONFIG, args[1::2])
     try:
         summary = ta.train(cfg)
     finally:  # accelerate keeps process-wide state; leave none behind for other tests

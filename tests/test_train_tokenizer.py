@@ -20,11 +20,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from davae_core import load_davae, read_metadata
-from davae_training.common import FAULT_ENV, ConfigError, find_latest_checkpoint, load_config
-from davae_training.tokenizer_losses import TokenizerLoss
-from davae_training.tokenizer_stats import ChannelMoments
-from davae_training.train_tokenizer import (
-    TokenizerTrainConfig,
+from davae_training.common import FAULT_ENV, find_latest_checkpoint
+from davae_training.config import ConfigError, load_config
+from davae_training.stage1.losses import TokenizerLoss
+from davae_training.stage1.stats import ChannelMoments
+from davae_training.stage1.config import TokenizerTrainConfig
+from davae_training.stage1.trainer import (
     build_model,
     export_from_checkpoint,
     export_model,
@@ -164,7 +165,7 @@ def test_shipped_configs_load_and_overrides_apply(fixtures_dir):
 
 
 def test_detail_statistics_identity_when_disabled(fixtures_dir, image_dir, tmp_path):
-    from davae_training.image_data import build_index
+    from davae_training.data.images import build_index
 
     config = load_config(TokenizerTrainConfig, TINY, _overrides(fixtures_dir, image_dir, tmp_path) + ["stats.enabled=false"])
     model, _ = build_model(config)
@@ -221,7 +222,7 @@ def test_export_from_checkpoint(uninterrupted_run, tmp_path):
 
 
 def main_args_export(config, target, run_dir):
-    from davae_training.train_tokenizer import parse_args
+    from davae_training.stage1.trainer import parse_args
 
     args = parse_args(["--config", str(run_dir / "config.yaml"), "--export-from", "latest", "--export-to", str(target)])
     assert args.export_from == "latest"
@@ -260,8 +261,9 @@ def test_two_process_cpu_run_keeps_ranks_identical(fixtures_dir, image_dir, tmp_
 
 
 def test_evaluation_report_and_grid(uninterrupted_run, fixtures_dir, image_dir, tmp_path):
-    from davae_training.evaluate_tokenizer import main as evaluate_main, reconstruct_all
-    from davae_training.train_tokenizer import TokenizerModelConfig, load_pretrained_vae
+    from davae_training.stage1.evaluate import main as evaluate_main, reconstruct_all
+    from davae_training.stage1.config import TokenizerModelConfig
+    from davae_training.stage1.trainer import load_pretrained_vae
 
     davae = load_davae(uninterrupted_run / "davae.safetensors")
     vae = load_pretrained_vae(TokenizerModelConfig(pretrained_vae=str(fixtures_dir / "sd3_vae")))

@@ -302,7 +302,7 @@ def load_or_build_index(config: ImageDataConfig, accelerator=None) -> tuple[list
     def build_and_write() -> tuple[list[ImageRecord], ScanReport]:
         records, report = build_index(config)
         if cache is not None:
-            from .common import write_json_atomic
+            from ..common import write_json_atomic
 
             write_json_atomic(cache, {"signature": sig, "report": asdict(report), "records": [asdict(r) for r in records]})
         return records, report

@@ -7,7 +7,7 @@
 The paper fine-tunes on images SD3.5-Medium itself generated from DiffusionDB prompts
 (then 5k steps on FLUX images).  Prompts come from a ``.txt`` file (one per line) or a
 ``.jsonl`` file (a "prompt", "caption" or "text" field per line).  Output, readable by
-:mod:`.image_data`/:mod:`.caption_data` as a folder with sidecar captions::
+:mod:`davae_training.data.images`/:mod:`davae_training.stage2.caption_cache` as a folder with sidecar captions::
 
     OUT/00000/000000.png   000000.txt (the prompt, kept as the caption)   000000.json (seed, settings)
 

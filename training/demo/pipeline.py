@@ -78,7 +78,7 @@ class PhaseTimer:
 # ------------------------------------------------------------------ phases
 def text_conditioner():
     """The bag-of-words conditioner shared by the toy DiT and stage 2 (captions are word lists here)."""
-    from .text_encoding import HashingTextConditioner
+    from ..stage2.text_conditioning import HashingTextConditioner
 
     return HashingTextConditioner(joint_attention_dim=64, pooled_dim=32, tokens=16)
 
@@ -108,8 +108,9 @@ def make_pretrained(cfg: DemoConfig, root: Path, losses: dict[str, list[float]])
 
 
 def run_stage1(cfg: DemoConfig, root: Path, data: Path, pretrained: Path) -> Path:
-    from .common import load_config
-    from .train_tokenizer import TokenizerTrainConfig, train
+    from ..config import load_config
+    from ..stage1.config import TokenizerTrainConfig
+    from ..stage1.trainer import train
 
     run = root / ("stage1" if cfg.align else "stage1_no_align")
     exported = run / "davae.safetensors"
@@ -126,8 +127,9 @@ def run_stage1(cfg: DemoConfig, root: Path, data: Path, pretrained: Path) -> Pat
 
 
 def run_stage2(cfg: DemoConfig, root: Path, data: Path, pretrained: Path, davae_path: Path) -> Path:
-    from .common import load_config
-    from .train_adapter import AdapterTrainConfig, train
+    from ..config import load_config
+    from ..stage2.config import AdapterTrainConfig
+    from ..stage2.trainer import train
 
     run = root / f"stage2_{cfg.variant}"
     if (run / "final" / "summary.json").is_file():
@@ -159,7 +161,8 @@ def sample_both(cfg: DemoConfig, pretrained: Path, davae_path: Path, stage2_run:
 
     from davae_core import load_davae
 
-    from .train_adapter import load_run_for_export, sample_latents
+    from ..stage2.run_file import load_run_for_export
+    from ..stage2.sampler import sample_latents
 
     text = text_conditioner()
     embeds, pooled = text.encode(captions)
@@ -189,7 +192,7 @@ def reconstruction_metrics(pretrained: Path, davae_path: Path, images: torch.Ten
 
     from davae_core import load_davae
 
-    from .evaluate_tokenizer import reconstruct_all
+    from ..stage1.evaluate import reconstruct_all
 
     recs = reconstruct_all(load_davae(davae_path), AutoencoderKL.from_pretrained(pretrained / "vae").eval(), images)
     return {
@@ -242,7 +245,7 @@ def side_by_side(real: torch.Tensor, samples: dict[str, torch.Tensor], path: Pat
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from .common import to_uint8_image
+    from ..common import to_uint8_image
 
     columns = [("real 128 px", real), ("baseline 4x4 tok", samples["baseline"]), ("DA-VAE 4x4 tok", samples["da"])]
     size, label_h, pad = real.shape[-1] * 2, 18, 4  # shown at 2x so one-pixel detail is visible
@@ -265,7 +268,7 @@ def comfyui_step(root: Path) -> dict[str, Any]:
     if not comfy:
         return {"skipped": "COMFYUI_PATH is not set"}
     try:
-        from .demo_comfyui import run_shipped_workflow
+        from .comfyui_run import run_shipped_workflow
     except ImportError as e:  # the node pack's harness is optional for the demo
         return {"skipped": f"ComfyUI runner unavailable: {e}"}
     return run_shipped_workflow(Path(comfy), root / "comfyui")

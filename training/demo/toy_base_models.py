@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from davae_core.davae_model import tiny_vae_config
 from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
 
-from .adapter_objective import FlowObjectiveConfig, noisy_latents, sample_sigmas
+from ..stage2.objective import FlowObjectiveConfig, noisy_latents, sample_sigmas
 
 
 

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 from davae_core import DAVAE, load_davae
 
-from .common import save_image_grid, write_json_atomic
-from .image_data import ImageDataConfig, ImageDataset, ResumableSampler, build_index, make_dataloader
-from .tokenizer_losses import TokenizerLossConfig, build_perceptual_loss
-from .train_tokenizer import TokenizerModelConfig, load_pretrained_vae, setup_plain_logging
+from ..common import save_image_grid, write_json_atomic
+from ..data.images import ImageDataConfig, ImageDataset, ResumableSampler, build_index, make_dataloader
+from .losses import TokenizerLossConfig, build_perceptual_loss
+from .config import TokenizerModelConfig
+from .trainer import load_pretrained_vae, setup_plain_logging
 
 logger = logging.getLogger("davae_training")
 METHODS = ("davae", "stock_full", "stock_half_upsampled")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,13 @@ from torch import nn
 
 from davae_core import DAVAE, save_davae
 
-from .common import (
+from davae_core.dtypes import dtype_from_name
+
+from ..common import (
     TrainerState,
-    TrainLoopConfig,
-    add_common_arguments,
-    config_to_dict,
     find_latest_checkpoint,
     init_trackers,
     load_checkpoint,
-    load_config,
     logger,
     make_accelerator,
     maybe_inject_fault,
@@ -45,43 +42,11 @@ from .common import (
     setup_logging,
     write_json_atomic,
 )
-from .image_data import ImageDataConfig, ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
-from .tokenizer_losses import PatchDiscriminator, TokenizerLoss, TokenizerLossConfig, build_perceptual_loss, hinge_d_loss
-from .tokenizer_stats import DetailStatsConfig, apply_detail_statistics, measure_detail_statistics
-
-FIXTURE_VAE = "fixture:tiny"  # a tiny random AutoencoderKL built in-process (demo without files)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class TokenizerModelConfig:
-    pretrained_vae: str = ""  # diffusers AutoencoderKL folder (or a full SD3 repo folder + subfolder)
-    subfolder: str | None = None  # e.g. "vae" for a full stable-diffusion-3.5 folder
-    detail_channels: int = 16
-    train_detail_trunk: bool = True  # the authors' recipe freezes it
-    train_decoder_trunk: bool = True
-
-
-@dataclass
-class TokenizerExportConfig:
-    path: str | None = None  # default <output_dir>/davae.safetensors
-    dtype: str = "float32"  # "float32" | "float16" | "bfloat16"
-    include_base_encoder: bool = True  # False: smaller file; ComfyUI then needs the stock VAE's latent
-
-
-@dataclass
-class TokenizerTrainConfig:
-    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    data: ImageDataConfig = field(default_factory=ImageDataConfig)
-    model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
-    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
-    stats: DetailStatsConfig = field(default_factory=DetailStatsConfig)
-    export: TokenizerExportConfig = field(default_factory=TokenizerExportConfig)
-
-    @property
-    def export_path(self) -> Path:
-        return Path(self.export.path) if self.export.path else Path(self.train.output_dir) / "davae.safetensors"
-
+from ..config import add_common_arguments, config_to_dict, load_config
+from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
+from .config import FIXTURE_VAE, TokenizerModelConfig, TokenizerTrainConfig
+from .losses import PatchDiscriminator, TokenizerLoss, build_perceptual_loss, hinge_d_loss
+from .stats import apply_detail_statistics, measure_detail_statistics
 
 # ---------------------------------------------------------------------------- building
 def load_pretrained_vae(cfg: TokenizerModelConfig):
@@ -170,9 +135,7 @@ def export_model(config: TokenizerTrainConfig, model: DAVAE, records, step: int,
         **(extra or {}),
     })
     out = path or config.export_path
-    dtype = DTYPES.get(config.export.dtype)
-    if dtype is None:
-        raise ValueError(f"export.dtype must be one of {sorted(DTYPES)}, got {config.export.dtype!r}")
+    dtype = dtype_from_name(config.export.dtype, "export.dtype")
     save_davae(model, out, include_base_encoder=config.export.include_base_encoder, info=info, dtype=dtype)
     logger.info("exported DA-VAE to %s", out)
     return Path(out)

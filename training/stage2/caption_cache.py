@@ -1,6 +1,6 @@
 """Image + caption pairs for stage 2, and an on-disk cache of what the transformer reads.
 
-Pairs come from :mod:`.image_data` (folders with sidecar ``.txt`` captions, or WebDataset
+Pairs come from :mod:`davae_training.data.images` (folders with sidecar ``.txt`` captions, or WebDataset
 ``.tar`` shards with ``.txt``/``.json`` captions); captions are kept (the authors' loader
 drops them).  Training can run straight from pixels (the DA-VAE and the text encoders run
 every step) or from a cache:
@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +31,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from .image_data import ImageDataConfig, ImageDataset, ImageRecord
+from ..data.images import ImageDataset, ImageRecord
+from .config import CaptionDataConfig
 
 logger = logging.getLogger("davae_training.data")
 
 CACHE_INDEX = "index.json"
 CACHE_PROMPTS = "prompts.safetensors"
 CACHE_VERSION = 1
-
-
-@dataclass
-class CaptionDataConfig:
-    """The ``data:`` section of a stage-2 config."""
-
-    images: ImageDataConfig = field(default_factory=ImageDataConfig)
-    cache_dir: str | None = None  # when set and complete, train from it
-    cache_dtype: str = "bfloat16"  # "float32" | "float16" | "bfloat16"
-    cache_shard_size: int = 256  # samples per safetensors shard
-    cache_batch_size: int = 4  # images encoded at once while building the cache
 
 
 def cache_is_complete(cache_dir: str | os.PathLike | None) -> bool:
@@ -190,10 +179,10 @@ def build_cache(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .common import load_config
-    from .image_data import load_or_build_index
-    from .train_adapter import AdapterTrainConfig, load_davae_for_training
-    from .text_encoding import build_text_conditioner
+    from ..config import load_config
+    from ..data.images import load_or_build_index
+    from .config import AdapterTrainConfig, load_davae_for_training
+    from .text_conditioning import build_text_conditioner
 
     ap = argparse.ArgumentParser(prog="python -m davae_training.caption_data", description="Build the stage-2 latent+text cache.")
     ap.add_argument("--config", required=True)

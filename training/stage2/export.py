@@ -28,7 +28,7 @@ from torch import nn
 
 from davae_core.checkpoint import save_heads
 
-from .adapter_model import ADAPTER_NAME, da_heads, lora_wrapped_names
+from .model import ADAPTER_NAME, da_heads, lora_wrapped_names
 
 LORA_PREFIX = "transformer."
 LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -105,7 +105,7 @@ def export_for_comfy(transformer: nn.Module, out_dir: str | os.PathLike, name: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .train_adapter import load_run_for_export
+    from .run_file import load_run_for_export
 
     ap = argparse.ArgumentParser(prog="python -m davae_training.export_comfy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="the stage-2 run directory (output_dir of its config)")

@@ -5,49 +5,31 @@
     torchrun --nproc_per_node 2 -m davae_training.train_adapter --config ... [--resume latest]
 
 Per optimizer step: a micro-batch of structured latents (from the DA-VAE, or from the cache of
-:mod:`.caption_data`) and its text conditioning (prompt dropout for CFG), the rectified-flow
-loss of :mod:`.adapter_objective` with the detail ramp w(n), AdamW on LoRA + P, P', O, O',
+:mod:`davae_training.stage2.caption_cache`) and its text conditioning (prompt dropout for CFG), the rectified-flow
+loss of :mod:`davae_training.stage2.objective` with the detail ramp w(n), AdamW on LoRA + P, P', O, O',
 then the EMA.  Checkpoints (``train.checkpoint_every``) hold only the trained tensors
 (``adapter_trained.safetensors``, ``adapter_trained_ema.safetensors``) plus accelerate's
 optimiser/scheduler/RNG files; ``--resume latest`` continues with the exact data order and
 noise.  TensorBoard gets ``loss``, ``loss/base_mse``, ``loss/detail_mse`` (apart, as in Fig. S3
 of the paper), ``detail_weight`` and ``lr``; sample grids go to ``<output_dir>/samples``.  At the
 end ``<output_dir>/final`` holds the trained tensors and a summary, and ``<output_dir>/export``
-the ComfyUI files (:mod:`.export_comfy`).
+the ComfyUI files (:mod:`davae_training.stage2.export`).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .adapter_model import (
-    AdapterModelConfig,
-    build_adapter_model,
-    load_trained_state_dict,
-    make_ema,
-    trained_parameters,
-    unwrap,
-)
-from .adapter_objective import FlowObjectiveConfig, drop_prompts, flow_matching_loss, shift_sigmas
-from .caption_data import CachedConditioningDataset, CaptionDataConfig, cache_is_complete, collate_cached
-from .common import (
+from ..common import (
     TrainerState,
-    TrainLoopConfig,
-    add_common_arguments,
-    config_to_dict,
     find_latest_checkpoint,
     init_trackers,
     load_checkpoint,
-    load_config,
     logger,
     make_accelerator,
     maybe_inject_fault,
@@ -60,106 +42,21 @@ from .common import (
     setup_logging,
     write_json_atomic,
 )
-from .image_data import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
-from .text_encoding import TextConfig, build_text_conditioner
-
-TRAINED_FILE = "adapter_trained.safetensors"
-EMA_FILE = "adapter_trained_ema.safetensors"
-RUN_CONFIG = "config.yaml"
-FINAL_DIR = "final"
-
-
-@dataclass
-class TokenizerConfig:
-    """The stage-1 DA-VAE (our file format).  Needed unless training runs from a complete cache
-    (then only for sample grids)."""
-
-    path: str = ""
-    dtype: str = "float32"
-
-
-@dataclass
-class SamplingConfig:
-    prompts: list[str] = field(default_factory=lambda: ["a photograph of a red fox in the snow", "a bowl of ramen, studio light"])
-    resolution: int = 1024  # pixels; the latent grid is resolution / 16
-    steps: int = 30
-    guidance: float = 2.5
-    shift: float = 3.0
-    seed: int = 0
-    use_ema: bool = True
-
-
-@dataclass
-class ExportConfig:
-    enabled: bool = True
-    name: str = "da_sd35m"
-    use_ema: bool = True
-    alpha_keys: str = "auto"  # "auto" (only when alpha != rank) | "always"
-    lora_dtype: str = "float32"  # "float16"/"bfloat16" halve the LoRA file
-
-
-@dataclass
-class AdapterTrainConfig:
-    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    model: AdapterModelConfig = field(default_factory=AdapterModelConfig)
-    objective: FlowObjectiveConfig = field(default_factory=FlowObjectiveConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def load_davae_for_training(cfg: TokenizerConfig, device: torch.device | str = "cpu"):
-    from davae_core.checkpoint import load_davae
-
-    if not cfg.path:
-        raise ValueError("tokenizer.path is empty: set it to the stage-1 DA-VAE file (or train from a complete data.cache_dir)")
-    davae = load_davae(cfg.path, device=device, dtype=_dtype(cfg.dtype))
-    if davae.base_encoder is None:
-        raise ValueError(f"{cfg.path}: this DA-VAE file has no base encoder, so it cannot encode images; export it with the base encoder")
-    return davae.requires_grad_(False).eval()
+from ..config import add_common_arguments, config_to_dict, load_config
+from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
+from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
+from .config import AdapterTrainConfig, load_davae_for_training
+from .model import build_adapter_model, make_ema, trained_parameters, unwrap
+from .objective import drop_prompts, flow_matching_loss
+from .run_file import EMA_FILE, FINAL_DIR, RUN_CONFIG, TRAINED_FILE, load_trained, run_info, save_trained, stock_head_state
+from .sampler import sample_latents
+from .text_conditioning import build_text_conditioner
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Noise/timestep/dropout seed of one micro-batch: a resumed run redraws exactly the same."""
     digest = hashlib.sha256(f"{seed}:{step}:{micro}:{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-# ---------------------------------------------------------------------------- trained-tensor files
-def save_trained(model: torch.nn.Module, ema, folder: str | os.PathLike) -> None:
-    """Only what stage 2 trains (LoRA, P, P', O, O'), and its EMA, as safetensors."""
-    folder = Path(folder)
-    params = trained_parameters(unwrap(model))
-    save_file({n: p.detach().float().cpu().contiguous() for n, p in params.items()}, str(folder / TRAINED_FILE))
-    if ema is not None:
-        shadow = {n: s.detach().float().cpu().contiguous() for n, s in zip(params, ema.shadow_params)}
-        save_file(shadow, str(folder / EMA_FILE), metadata={"optimization_step": str(ema.optimization_step)})
-
-
-def read_trained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def load_trained(model: torch.nn.Module, ema, folder: str | os.PathLike) -> None:
-    folder = Path(folder)
-    state, _ = read_trained(folder / TRAINED_FILE)
-    load_trained_state_dict(unwrap(model), state, str(folder / TRAINED_FILE))
-    if ema is not None:
-        if not (folder / EMA_FILE).is_file():
-            raise FileNotFoundError(f"{folder / EMA_FILE}: missing; this run has an EMA (model.ema_decay > 0) but the checkpoint has none")
-        shadow, meta = read_trained(folder / EMA_FILE)
-        names = list(trained_parameters(unwrap(model)))
-        with torch.no_grad():
-            for name, s in zip(names, ema.shadow_params):
-                s.copy_(shadow[name].to(s))
-        ema.optimization_step = int(meta.get("optimization_step", 0))
 
 
 # ---------------------------------------------------------------------------- conditioning
@@ -211,23 +108,6 @@ def check_shapes(model: torch.nn.Module, latents: torch.Tensor, embeds: torch.Te
 
 
 # ---------------------------------------------------------------------------- sampling
-@torch.no_grad()
-def sample_latents(model, embeds, pooled, null_embeds, null_pooled, latent_shape, steps: int, guidance: float,
-                   shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Euler rectified-flow sampler with CFG, SD3's shifted sigma schedule."""
-    b = embeds.shape[0]
-    x = torch.randn((b, *latent_shape), generator=generator, device=generator.device).to(embeds.device)
-    sigmas = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
-    cond_e = torch.cat([embeds, null_embeds.expand(b, *null_embeds.shape)])
-    cond_p = torch.cat([pooled, null_pooled.expand(b, *null_pooled.shape)])
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        t = torch.full((2 * b,), s * 1000.0, device=x.device)
-        v = model(hidden_states=torch.cat([x, x]), timestep=t, encoder_hidden_states=cond_e, pooled_projections=cond_p, return_dict=False)[0]
-        v_c, v_u = v.float().chunk(2)
-        x = x + (s_next - s) * (v_u + guidance * (v_c - v_u))
-    return x
-
-
 def write_sample_grid(cfg: AdapterTrainConfig, model, ema, cond: Conditioning, step: int) -> Path | None:
     if cond.davae is None or cond.sample_embeds is None:
         logger.info("no sample grid: %s", "no tokenizer.path to decode with" if cond.davae is None else "no sampling.prompts")
@@ -380,13 +260,6 @@ def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
     return finish(cfg, accelerator, model, ema, state, last, base_heads)
 
 
-def stock_head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The current P and O (``pos_embed.proj``/``proj_out`` of the stock model) as CPU copies."""
-    net = unwrap(model)
-    layers = {"pos_embed.proj": net.pos_embed.proj.stock, "proj_out": net.proj_out.stock}
-    return {f"{name}.{k}": v.detach().float().cpu().clone() for name, layer in layers.items() for k, v in layer.state_dict().items()}
-
-
 def finish(cfg: AdapterTrainConfig, accelerator, model, ema, state: TrainerState, last: dict[str, float],
            base_heads: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Final checkpoint, ``final/`` (trained tensors, per-rank digests), ComfyUI export."""
@@ -406,7 +279,7 @@ def finish(cfg: AdapterTrainConfig, accelerator, model, ema, state: TrainerState
         save_trained(net, ema, final)
         write_json_atomic(final / "summary.json", summary)
         if cfg.export.enabled:
-            from .export_comfy import LORA_DTYPES, export_for_comfy
+            from .export import LORA_DTYPES, export_for_comfy
 
             params = list(trained_parameters(net).values())
             use_ema = ema is not None and cfg.export.use_ema
@@ -426,38 +299,6 @@ def finish(cfg: AdapterTrainConfig, accelerator, model, ema, state: TrainerState
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
-
-
-def run_info(cfg: AdapterTrainConfig, source: str, ema: bool) -> dict[str, Any]:
-    """What the exported files say about how they were made."""
-    return {"source": source, "base_model": cfg.model.pretrained, "lora_rank": cfg.model.lora_rank,
-            "lora_alpha": cfg.model.lora_alpha, "text_encoder": cfg.text.kind, "ema": ema,
-            "detail_warmup_steps": cfg.objective.detail_warmup_steps, "prediction": cfg.objective.prediction,
-            "resolution": cfg.data.images.resolution}
-
-
-def load_run_for_export(run_dir: str | os.PathLike, checkpoint: str = "latest", use_ema: bool = True):
-    """A run's adapter model with its trained (or EMA) tensors, the base P/O, and info for the files."""
-    run = Path(run_dir)
-    if not (run / RUN_CONFIG).is_file():
-        raise FileNotFoundError(f"{run}: no {RUN_CONFIG}; pass the output_dir of a stage-2 run")
-    cfg = load_config(AdapterTrainConfig, run / RUN_CONFIG)
-    if checkpoint == "final":
-        folder = run / FINAL_DIR
-    elif checkpoint == "latest":
-        folder = run / FINAL_DIR if (run / FINAL_DIR / TRAINED_FILE).is_file() else find_latest_checkpoint(run)
-        if folder is None:
-            raise FileNotFoundError(f"{run}: no checkpoint and no final/ yet")
-    else:
-        folder = Path(checkpoint)
-    transformer = build_adapter_model(cfg.model, gradient_checkpointing=False).eval()
-    base_state = stock_head_state(transformer)
-    name = EMA_FILE if use_ema and (folder / EMA_FILE).is_file() else TRAINED_FILE
-    if use_ema and name != EMA_FILE:
-        logger.warning("%s: no EMA weights, exporting the raw trained weights", folder)
-    state, _ = read_trained(folder / name)
-    load_trained_state_dict(transformer, state, str(folder / name))
-    return transformer, base_state, run_info(cfg, str(folder / name), name == EMA_FILE)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

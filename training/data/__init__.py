@@ -1,0 +1,1 @@
+"""Training data both stages read: image folders / WebDataset shards, and synthetic images."""

@@ -1,0 +1,1 @@
+"""The whole recipe at toy scale on a CPU (``python -m davae_training.demo``)."""
