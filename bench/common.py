@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from davae_core.atomic_files import write_text_atomic
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -236,9 +238,7 @@ def write_results(name: str, data: dict[str, Any], out_dir: Path, plot: Callable
     """``out_dir/name.json`` always; ``out_dir/name.png`` when matplotlib is installed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, json_path)  # a crash mid-write never leaves half a file
+    write_text_atomic(json_path, json.dumps(data, indent=2) + "\n")
     print(f"wrote {json_path}")
     try:
         import matplotlib

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from davae_core.atomic_files import write_text_atomic
 
 from . import common
 
@@ -134,9 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.readme} has no {START} ... {END} markers to replace")
     before, rest = readme.split(START, 1)
     after = rest.split(END, 1)[1]
-    tmp = args.readme.with_suffix(".md.tmp")
-    tmp.write_text(f"{before}{START}\n{text}{END}{after}")
-    os.replace(tmp, args.readme)
+    write_text_atomic(args.readme, f"{before}{START}\n{text}{END}{after}")
     print(f"updated {args.readme}")
     replot(results, args.results)
 

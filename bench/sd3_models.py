@@ -35,7 +35,6 @@ SD35M_CONFIG: dict[str, Any] = {
 HIDDEN = 1536
 # SD3's text sequence in diffusers' pipeline: 77 CLIP-L/G tokens + 256 T5 tokens.
 SD3_TEXT_TOKENS = 333
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear"]
 
 
 def reduced_layers(num_layers: int) -> tuple[int, list[int]]:

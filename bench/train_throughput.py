@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from davae_core import DAVAE, SD3_VAE_CONFIG, DAVAEConfig, alignment_loss, scheduled_flow_loss
 from davae_core.heads import DAHeads, attach_to_sd3_transformer, heads_config_for_diffusers
+from davae_core.mmdit_keys import SD3_LORA_TARGETS
 
 from . import common
-from .sd3_models import LORA_TARGETS, SD3_TEXT_TOKENS, SD35M_CONFIG, build_diffusers, conditioning
+from .sd3_models import SD3_TEXT_TOKENS, SD35M_CONFIG, build_diffusers, conditioning
 
 NAME = "train_throughput"
 
@@ -81,7 +82,7 @@ def stage2_step(
 
     model = build_diffusers(layers, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed)
     attach_to_sd3_transformer(model, DAHeads(heads_config_for_diffusers(model), device=device))
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian"), model)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(SD3_LORA_TARGETS), init_lora_weights="gaussian"), model)
     model.requires_grad_(False)
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -116,7 +117,7 @@ def stage2_step(
         return loss.item()
 
     info = {
-        "model": f"diffusers SD3.5M, {layers}/24 layers, DA heads, LoRA rank {rank} (alpha {rank}) on {', '.join(LORA_TARGETS)}",
+        "model": f"diffusers SD3.5M, {layers}/24 layers, DA heads, LoRA rank {rank} (alpha {rank}) on {', '.join(SD3_LORA_TARGETS)}",
         "latent": [batch, 32, 64, 64],
         "image_tokens": 32 * 32,
         "text_tokens": text_tokens,

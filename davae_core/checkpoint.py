@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .atomic_files import atomic_write
 from torch import nn
 
 from .davae_model import DAVAE, DAVAEConfig
@@ -140,10 +142,9 @@ def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
         "davae_config": json.dumps(config, sort_keys=True),
         "davae_info": json.dumps(info, sort_keys=True),
     }
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # never leave a half-written file under the real name
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

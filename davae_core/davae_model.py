@@ -22,7 +22,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from einops import reduce, repeat
 from torch import nn
 
-from .structured_latent import LatentLayout, LatentNormalizer, merge, split
+from .structured_latent import SD3_SCALE, SD3_SHIFT, LatentLayout, LatentNormalizer, merge, split, vae_shift_scale
 from .tiling import tiled_decode, tiled_encode
 
 # The diffusers config of the SD3 / SD3.5 VAE ("vae/config.json" of the official repos).
@@ -37,8 +37,8 @@ SD3_VAE_CONFIG: dict[str, Any] = {
     "latent_channels": 16,
     "norm_num_groups": 32,
     "sample_size": 1024,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
+    "scaling_factor": SD3_SCALE,
+    "shift_factor": SD3_SHIFT,
     "use_quant_conv": False,
     "use_post_quant_conv": False,
     "mid_block_add_attention": True,
@@ -84,11 +84,11 @@ class DAVAEConfig:
 
     @property
     def base_shift(self) -> float:
-        return float(self.base_vae.get("shift_factor") or 0.0)
+        return vae_shift_scale(self.base_vae)[0]
 
     @property
     def base_scale(self) -> float:
-        return float(self.base_vae.get("scaling_factor") or 1.0)
+        return vae_shift_scale(self.base_vae)[1]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from .checkpoint import save_davae, save_heads
 from .davae_model import DAVAE, tiny_vae_config
 from .heads import DAHeads, heads_config_for_diffusers
-from .mmdit_keys import diffusers_to_mmdit
+from .mmdit_keys import SD3_LORA_TARGETS, diffusers_to_mmdit
 
 # SD3.5-Medium's shape rules at toy width: hidden = 64 * depth (ComfyUI detects depth that way).
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -52,7 +52,6 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "qk_norm": "rms_norm",
 }
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear"]
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -85,7 +84,7 @@ def lora_state_dict(transformer: SD3Transformer2DModel, rank: int = 4, seed: int
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     model = copy.deepcopy(transformer)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian")
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(SD3_LORA_TARGETS), init_lora_weights="gaussian")
     inject_adapter_in_model(config, model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -125,7 +124,7 @@ def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     lora = lora_state_dict(transformer, seed=seed)
     (out / "loras").mkdir(exist_ok=True)
     save_file(lora, str(out / "loras" / "lora_tiny.safetensors"))
-    manifest["files"]["loras/lora_tiny.safetensors"] = {"tensors": len(lora), "targets": LORA_TARGETS}
+    manifest["files"]["loras/lora_tiny.safetensors"] = {"tensors": len(lora), "targets": list(SD3_LORA_TARGETS)}
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

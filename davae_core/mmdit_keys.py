@@ -12,6 +12,10 @@ import re
 
 import torch
 
+# The linears of every SD3 block (diffusers names) that the stage-2 LoRA wraps: attention
+# q/k/v/out, the MLP's output and the adaLN modulation (the authors' choice for SD3.5-M).
+SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear")
+
 # diffusers name -> MMDiT name, outside the blocks
 _TOP = {
     "pos_embed.proj": "x_embedder.proj",

@@ -18,6 +18,7 @@ Two spaces matter:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from einops import reduce
@@ -26,6 +27,17 @@ from torch import nn
 # SD3 / SD3.5 VAE normalisation (diffusers: shift_factor, scaling_factor).
 SD3_SHIFT = 0.0609
 SD3_SCALE = 1.5305
+
+
+def vae_shift_scale(vae_config: Mapping[str, Any]) -> tuple[float, float]:
+    """``(shift, scale)`` of a base VAE, read from its diffusers config (``vae.config`` or a dict).
+
+    The DiT reads ``(z - shift) * scale``, as diffusers' SD3 pipelines compute it; a VAE without
+    ``shift_factor`` (SD1/SDXL style) has shift 0, one without ``scaling_factor`` scale 1.
+    """
+    shift = vae_config.get("shift_factor")
+    scale = vae_config.get("scaling_factor")
+    return float(shift or 0.0), float(scale or 1.0)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from davae_core.checkpoint import load_heads
 from davae_core.fixtures import TINY_TRANSFORMER_CONFIG, tiny_transformer
 from davae_core.heads import attach_to_sd3_transformer
+from davae_core.mmdit_keys import SD3_LORA_TARGETS
 from davae_training.stage2.model import (
-    DEFAULT_LORA_TARGETS,
     AdapterModelConfig,
     lora_target_names,
     prepare_adapter_model,
@@ -50,7 +50,7 @@ def _stock_head_state():
 
 
 def test_exported_lora_keys_map_onto_every_targeted_layer(tmp_path):
-    targets = lora_target_names(tiny_transformer(0), DEFAULT_LORA_TARGETS)
+    targets = lora_target_names(tiny_transformer(0), SD3_LORA_TARGETS)
     assert any(".attn2." in t for t in targets), "SD3.5M's attn2 layers must be LoRA targets"
     assert not any(n in t for t in targets for n in ("add_q_proj", "to_add_out", "ff_context", "norm1_context"))
     model = _moved_model()

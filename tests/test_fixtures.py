@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from davae_core import load_davae, load_heads, read_metadata
-from davae_core.fixtures import LORA_TARGETS, TINY_TRANSFORMER_CONFIG
-from davae_core.mmdit_keys import diffusers_to_mmdit
+from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
+from davae_core.mmdit_keys import SD3_LORA_TARGETS, diffusers_to_mmdit
 
 
 def test_fixture_files_load_in_their_real_formats(fixtures_dir):
@@ -53,7 +53,7 @@ def test_lora_fixture_targets_every_layer_with_the_comfy_prefix(fixtures_dir):
     with safe_open(str(fixtures_dir / "loras" / "lora_tiny.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
-    for target in LORA_TARGETS:
+    for target in SD3_LORA_TARGETS:
         assert any(f".{target}.lora_A.weight" in k for k in keys), target
     assert any(".attn2.to_q.lora_B.weight" in k for k in keys)  # dual-attention layers are hit too
 

@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TrainLoopConfig
+from davae_core.atomic_files import atomic_write, fsync_dir, write_json_atomic
+
+from .config import TrainLoopConfig, config_to_dict
 
 logger = logging.getLogger("davae_training")
 
@@ -51,6 +53,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def derive_seed(seed: int, *parts: int | str) -> int:
+    """A seed for one draw (a micro-batch's noise, an epoch's shuffle) from the run's seed.
+
+    A pure function of its arguments, so a resumed run redraws exactly what the uninterrupted
+    one drew, without saving any RNG state; hashing keeps nearby parts' seeds unrelated.
+    """
+    digest = hashlib.sha256(":".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def make_accelerator(loop: TrainLoopConfig, cpu: bool | None = None):
@@ -128,6 +140,15 @@ def setup_logging(accelerator, output_dir: str | os.PathLike) -> None:
         logger.addHandler(h)
 
 
+def setup_plain_logging() -> None:
+    """Log to stderr outside a training run (exports, evaluation)."""
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+
+
 def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train"):
     from tqdm.auto import tqdm
 
@@ -173,31 +194,6 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerState, total_limit: int | None = None) -> Path:
     """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``checkpoint-<step>``.
 
@@ -223,7 +219,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerSt
         if final.exists():  # the same step saved again (e.g. final save right after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if total_limit is not None and total_limit > 0:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -298,9 +294,8 @@ def save_image_grid(rows: list[torch.Tensor], path: str | os.PathLike, padding: 
             canvas[y:y + h, x:x + w] = to_uint8_image(row[j])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(canvas).save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
     return path
 
 

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..common import derive_seed
+
 logger = logging.getLogger("davae_training.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -302,7 +304,7 @@ def load_or_build_index(config: ImageDataConfig, accelerator=None) -> tuple[list
     def build_and_write() -> tuple[list[ImageRecord], ScanReport]:
         records, report = build_index(config)
         if cache is not None:
-            from ..common import write_json_atomic
+            from davae_core.atomic_files import write_json_atomic
 
             write_json_atomic(cache, {"signature": sig, "report": asdict(report), "records": [asdict(r) for r in records]})
         return records, report
@@ -448,7 +450,7 @@ class ResumableSampler(Sampler[int]):
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
                 self._perm = torch.randperm(self.n, generator=g)
             else:
                 self._perm = torch.arange(self.n)

@@ -33,6 +33,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from davae_core.atomic_files import atomic_write
+from davae_core.dtypes import DTYPES
+
 logger = logging.getLogger("davae_training.synthetic")
 
 ImageGenerator = Callable[[list[str], list[int]], list]
@@ -130,9 +133,8 @@ def build_synthetic_dataset(prompts: Sequence[str], out_dir: str | os.PathLike, 
             meta = {"prompt": prompt, "seed": seed + i, **(settings or {})}
             path.with_suffix(".json").write_text(json.dumps(meta))
             path.with_suffix(".txt").write_text(prompt, encoding="utf-8")
-            tmp = path.with_name(path.stem + ".tmp.png")
-            img.save(tmp)
-            os.replace(tmp, path)  # the image last: its presence means the sample is complete
+            with atomic_write(path) as tmp:  # the image last: its presence means the sample is complete
+                img.save(tmp, format="PNG")
             written += 1
     return written
 
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.pretrained:
             ap.error("--pretrained is required with --generator sd3")
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        gen = SD3PipelineGenerator(args.pretrained, args.resolution, args.steps, args.guidance, device, getattr(torch, args.dtype))
+        gen = SD3PipelineGenerator(args.pretrained, args.resolution, args.steps, args.guidance, device, DTYPES[args.dtype])
     n = build_synthetic_dataset(prompts, args.out, gen, args.per_prompt, args.seed, args.batch_size, rank, world,
                                 getattr(gen, "settings", None))
     print(f"rank {rank}: wrote {n} images to {args.out}")

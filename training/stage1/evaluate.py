@@ -31,11 +31,14 @@ import torch.nn.functional as F
 
 from davae_core import DAVAE, load_davae
 
-from ..common import save_image_grid, write_json_atomic
+from davae_core.atomic_files import write_json_atomic
+from davae_core.dtypes import DTYPES
+
+from ..common import save_image_grid, setup_plain_logging
 from ..data.images import ImageDataConfig, ImageDataset, ResumableSampler, build_index, make_dataloader
 from .losses import TokenizerLossConfig, build_perceptual_loss
 from .config import TokenizerModelConfig
-from .trainer import load_pretrained_vae, setup_plain_logging
+from .trainer import load_pretrained_vae
 
 logger = logging.getLogger("davae_training")
 METHODS = ("davae", "stock_full", "stock_half_upsampled")
@@ -155,10 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-rfid", action="store_true", help="skip rFID (it needs Inception weights)")
     ap.add_argument("--lpips-backend", default="auto", choices=["auto", "lpips", "torchmetrics", "fallback"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     args = ap.parse_args(argv)
     setup_plain_logging()
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     davae = load_davae(args.davae, device=args.device, dtype=dtype)
     vae = load_pretrained_vae(TokenizerModelConfig(pretrained_vae=args.vae, subfolder=args.subfolder)).to(args.device, dtype)
     report = evaluate(davae, vae, args.images, args.resolution, args.out, args.max_images, args.batch_size,

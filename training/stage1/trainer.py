@@ -22,10 +22,12 @@ from torch import nn
 
 from davae_core import DAVAE, save_davae
 
+from davae_core.atomic_files import write_json_atomic
 from davae_core.dtypes import dtype_from_name
 
 from ..common import (
     TrainerState,
+    derive_seed,
     find_latest_checkpoint,
     init_trackers,
     load_checkpoint,
@@ -40,7 +42,7 @@ from ..common import (
     save_image_grid,
     seed_everything,
     setup_logging,
-    write_json_atomic,
+    setup_plain_logging,
 )
 from ..config import add_common_arguments, config_to_dict, load_config
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
@@ -103,11 +105,6 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def _posterior_generator(seed: int, global_micro_batch: int) -> torch.Generator:
-    """Posterior noise is a function of (seed, micro-batch): resume needs no RNG state for it."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + global_micro_batch) % (2**63 - 1))
-
-
 # ---------------------------------------------------------------------------- exporting
 def stats_batches(config: TokenizerTrainConfig, records) -> Any:
     """Centre crops of a seeded sample of the training records, for the detail statistics."""
@@ -166,17 +163,6 @@ def export_from_checkpoint(config: TokenizerTrainConfig, checkpoint: str, out: s
     records, _ = load_or_build_index(config.data)
     step = int(ckpt.name.rsplit("-", 1)[-1]) if ckpt.name.rsplit("-", 1)[-1].isdigit() else -1
     return export_model(config, model, records, step, Path(out) if out else None, {"checkpoint": ckpt.name})
-
-
-def setup_plain_logging() -> None:
-    import logging
-    import sys
-
-    if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(h)
-        logger.setLevel(logging.INFO)
 
 
 # ---------------------------------------------------------------------------- training
@@ -269,7 +255,7 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
         with accelerator.accumulate(*models):
             with accelerator.autocast():
                 target = make_target(config, vae, pixels)
-                outputs = model(pixels, sample_posterior=True, generator=_posterior_generator(loop.seed, global_mb))
+                outputs = model(pixels, sample_posterior=True, generator=torch.Generator().manual_seed(derive_seed(loop.seed, "posterior", global_mb)))
                 if disc_plain is not None:
                     disc_plain.requires_grad_(False)  # G step: gradients reach the generator only
                 total, logs = loss_fn.generator_loss(outputs, target, state.step, disc_plain, last_layer)

@@ -31,7 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from ..data.images import ImageDataset, ImageRecord
+from davae_core.atomic_files import atomic_write, write_json_atomic
+from davae_core.dtypes import dtype_from_name
+
+from ..data.images import ImageDataConfig, ImageDataset, ImageRecord
 from .config import CaptionDataConfig
 
 logger = logging.getLogger("davae_training.data")
@@ -100,13 +103,6 @@ def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _dtype(name: str) -> torch.dtype:
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise ValueError(f"data.cache_dtype must be float32, float16 or bfloat16, got {name!r}") from None
-
-
 @torch.no_grad()
 def build_cache(
     records: list[ImageRecord],
@@ -128,7 +124,7 @@ def build_cache(
         raise ValueError("data.cache_dir is not set: say where the cache goes")
     root = Path(config.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    dtype = _dtype(config.cache_dtype)
+    dtype = dtype_from_name(config.cache_dtype, "data.cache_dtype")
     images = ImageDataConfig(**{**config.images.__dict__, "crop": "center", "random_flip": False})
     dataset = ImageDataset(records, images, seed=seed)
     n, size = len(dataset), config.cache_shard_size
@@ -158,9 +154,8 @@ def build_cache(
             bar.update(len(chunk))
         tensors = {k: torch.cat(v).contiguous() for k, v in out.items()}
         shapes = {k: list(v.shape[1:]) for k, v in tensors.items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"samples": json.dumps(meta)})
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"samples": json.dumps(meta)})
         samples.extend(meta)
     bar.close()
     null_embeds, null_pooled = text.encode([""])
@@ -171,9 +166,7 @@ def build_cache(
     save_file(prompt_tensors, str(root / CACHE_PROMPTS), metadata={"sample_prompts": json.dumps(list(sample_prompts))})
     index = {"version": CACHE_VERSION, "shard_size": size, "shapes": shapes, "samples": samples,
              "text_encoder": getattr(text, "name", type(text).__name__), "dtype": config.cache_dtype}
-    tmp = root / (CACHE_INDEX + ".tmp")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, root / CACHE_INDEX)
+    write_json_atomic(root / CACHE_INDEX, index, indent=None)  # last: its presence means the cache is complete
     logger.info("cache %s: %d samples, shapes %s", root, len(samples), shapes)
     return root
 

@@ -26,12 +26,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from davae_core.atomic_files import atomic_write
 from davae_core.checkpoint import save_heads
+from davae_core.dtypes import DTYPES
 
 from .model import ADAPTER_NAME, da_heads, lora_wrapped_names
 
 LORA_PREFIX = "transformer."
-LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def lora_state_dict_for_comfy(transformer: nn.Module, alpha_keys: str = "auto",
@@ -88,10 +89,8 @@ def export_heads(transformer: nn.Module, path: str | os.PathLike, base_state: di
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -114,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="output folder (default RUN/export)")
     ap.add_argument("--name", default="da_sd35m", help="file name stem")
     ap.add_argument("--alpha-keys", choices=["auto", "always"], default="auto")
-    ap.add_argument("--dtype", choices=list(LORA_DTYPES), default="float32", help="LoRA tensor dtype (fp16 halves the file)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="LoRA tensor dtype (fp16 halves the file)")
     args = ap.parse_args(argv)
     transformer, base_state, info = load_run_for_export(args.run, args.checkpoint, use_ema=not args.no_ema)
     paths = export_for_comfy(transformer, args.out or Path(args.run) / "export", args.name, base_state, args.alpha_keys, info,
-                             LORA_DTYPES[args.dtype])
+                             DTYPES[args.dtype])
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
 

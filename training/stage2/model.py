@@ -24,11 +24,11 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch import nn
 
+from davae_core.mmdit_keys import SD3_LORA_TARGETS
 from davae_core.heads import DAHeads, attach_to_sd3_transformer, heads_config_for_diffusers, heads_from_sd3_transformer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear"]
 ADAPTER_NAME = "default"
 
 
@@ -40,7 +40,7 @@ class AdapterModelConfig:
     detail_channels: int = 16
     lora_rank: int = 256
     lora_alpha: float = 256.0
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_targets: list[str] = field(default_factory=lambda: list(SD3_LORA_TARGETS))
     lora_init: str = "gaussian"  # peft init_lora_weights; B starts at zero either way
     train_base_heads: bool = True  # P and O in full (authors: yes)
     ema_decay: float = 0.999  # 0 disables the EMA

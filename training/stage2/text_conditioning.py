@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from davae_core.dtypes import dtype_from_name
+
 logger = logging.getLogger(__name__)
 
 TEXT_KINDS = ("sd3", "hashing_standin")
@@ -142,7 +144,7 @@ def _config_only_transformer(folder: Path):
 
 def build_text_conditioner(cfg: TextConfig, model_folder: str = "", device: torch.device | str = "cpu"):
     if cfg.kind == "sd3":
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
+        dtype = dtype_from_name(cfg.dtype, "text.dtype")
         return SD3TextConditioner(cfg.pretrained or model_folder, device, dtype, cfg.max_sequence_length)
     if cfg.kind == "hashing_standin":
         logger.warning("text.kind=hashing_standin: captions are hashed, not encoded - a TEST STAND-IN, not for real training")

@@ -19,14 +19,17 @@ the ComfyUI files (:mod:`davae_training.stage2.export`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from davae_core.atomic_files import write_json_atomic
+from davae_core.dtypes import dtype_from_name
+
 from ..common import (
     TrainerState,
+    derive_seed,
     find_latest_checkpoint,
     init_trackers,
     load_checkpoint,
@@ -40,7 +43,6 @@ from ..common import (
     save_image_grid,
     seed_everything,
     setup_logging,
-    write_json_atomic,
 )
 from ..config import add_common_arguments, config_to_dict, load_config
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
@@ -51,12 +53,6 @@ from .objective import drop_prompts, flow_matching_loss
 from .run_file import EMA_FILE, FINAL_DIR, RUN_CONFIG, TRAINED_FILE, load_trained, run_info, save_trained, stock_head_state
 from .sampler import sample_latents
 from .text_conditioning import build_text_conditioner
-
-
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    """Noise/timestep/dropout seed of one micro-batch: a resumed run redraws exactly the same."""
-    digest = hashlib.sha256(f"{seed}:{step}:{micro}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 # ---------------------------------------------------------------------------- conditioning
@@ -224,7 +220,7 @@ def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
                 check_shapes(model, latents, embeds, pooled)
                 checked = True
             gen = torch.Generator(device=accelerator.device).manual_seed(
-                step_seed(loop.seed, state.step, micro, accelerator.process_index))
+                derive_seed(loop.seed, state.step, micro, accelerator.process_index))
             embeds, pooled, _ = drop_prompts(embeds, pooled, cond.null_embeds, cond.null_pooled, cfg.objective.prompt_dropout, gen)
 
             def model_fn(x_t, t, embeds=embeds, pooled=pooled):
@@ -279,7 +275,7 @@ def finish(cfg: AdapterTrainConfig, accelerator, model, ema, state: TrainerState
         save_trained(net, ema, final)
         write_json_atomic(final / "summary.json", summary)
         if cfg.export.enabled:
-            from .export import LORA_DTYPES, export_for_comfy
+            from .export import export_for_comfy
 
             params = list(trained_parameters(net).values())
             use_ema = ema is not None and cfg.export.use_ema
@@ -289,7 +285,7 @@ def finish(cfg: AdapterTrainConfig, accelerator, model, ema, state: TrainerState
             try:
                 paths = export_for_comfy(net, Path(loop.output_dir) / "export", cfg.export.name, base_heads, cfg.export.alpha_keys,
                                          run_info(cfg, f"{FINAL_DIR}/{EMA_FILE if use_ema else TRAINED_FILE}", use_ema),
-                                         LORA_DTYPES[cfg.export.lora_dtype])
+                                         dtype_from_name(cfg.export.lora_dtype, "export.lora_dtype"))
             finally:
                 if use_ema:
                     ema.restore(params)
