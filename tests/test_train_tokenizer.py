@@ -251,9 +251,9 @@ def test_two_process_cpu_run_keeps_ranks_identical(fixtures_dir, image_dir, tmp_
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
             "-m", "davae_training.train_tokenizer", *_cli(_overrides(fixtures_dir, image_dir, out, **{"train.image_every": 0}))]
     _run(args, _env())
-    digests = sorted((out / "rank_digests").glob("rank_*.txt"))
-    assert [p.name for p in digests] == ["rank_0.txt", "rank_1.txt"]
-    a, b = (p.read_text().strip() for p in digests)
+    summary = json.loads((out / "final" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"], summary
+    a, b = summary["rank_digests"]
     assert a == b and len(a) == 64
     # trained (not the initial weights) and exported once, by the main process
     assert load_davae(out / "davae.safetensors").decode(torch.zeros(1, 32, 2, 2)).shape == (1, 3, 32, 32)

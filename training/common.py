@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from davae_core.atomic_files import atomic_write, fsync_dir, write_json_atomic
+from davae_core.atomic_files import atomic_write, fsync_dir, write_json_atomic, write_text_atomic
 
 from .config import TrainLoopConfig, config_to_dict
 
@@ -44,6 +44,8 @@ logger = logging.getLogger("davae_training")
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
+RUN_CONFIG = "config.yaml"  # the resolved config of a run, in its output_dir
+FINAL_DIR = "final"  # end of a run: summary.json (both stages), the trained tensors (stage 2)
 FAULT_ENV = "DAVAE_FAULT_AFTER_STEP"  # test hook: os._exit after this optimizer step
 
 
@@ -89,6 +91,14 @@ def make_accelerator(loop: TrainLoopConfig, cpu: bool | None = None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def write_run_config(accelerator, output_dir: str | os.PathLike, config: Any) -> None:
+    """The resolved config (file + overrides) as ``<output_dir>/config.yaml``: reruns and exports read it."""
+    import yaml
+
+    if accelerator.is_main_process:
+        write_text_atomic(Path(output_dir) / RUN_CONFIG, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def prepare_deepspeed_batch_size(accelerator, batch_size: int) -> None:
@@ -259,6 +269,25 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> TrainerState:
         )
     logger.info("resumed from %s at step %d", path, state.step)
     return state
+
+
+def save_final_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerState, total_limit: int | None = None) -> Path:
+    """The checkpoint of the last step, unless the loop has just written it."""
+    latest = find_latest_checkpoint(output_dir)
+    if latest is not None and latest.name == f"{CHECKPOINT_PREFIX}{state.step:08d}":
+        return latest
+    return save_checkpoint(accelerator, output_dir, state, total_limit)
+
+
+def gather_rank_digests(accelerator, module: torch.nn.Module) -> dict[str, Any]:
+    """Every rank's digest of its trained weights; after data-parallel training they must agree."""
+    from accelerate.utils import gather_object
+
+    digests = gather_object([parameter_digest(module, trainable_only=True)])
+    in_sync = len(set(digests)) == 1
+    if not in_sync:
+        logger.error("trained weights differ between ranks: %s", digests)
+    return {"world_size": accelerator.num_processes, "rank_digests": digests, "ranks_in_sync": in_sync}
 
 
 def maybe_inject_fault(step: int) -> None:

@@ -266,4 +266,9 @@ class TokenizerLoss(nn.Module):
         return total, {k: v.detach().float() for k, v in logs.items()}
 
     def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        return hinge_d_loss(discriminator(real.detach()), discriminator(fake.detach()))
+        """Hinge loss of the discriminator on real images and (detached) reconstructions.
+
+        One pass over both together: DDP expects a single forward per backward.
+        """
+        logits_real, logits_fake = discriminator(torch.cat([real.detach(), fake.detach()])).chunk(2)
+        return hinge_d_loss(logits_real, logits_fake)

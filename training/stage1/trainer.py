@@ -18,36 +18,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.optimization import get_scheduler
 from torch import nn
 
 from davae_core import DAVAE, save_davae
-
 from davae_core.atomic_files import write_json_atomic
 from davae_core.dtypes import dtype_from_name
 
 from ..common import (
+    FINAL_DIR,
     TrainerState,
     derive_seed,
+    gather_rank_digests,
     find_latest_checkpoint,
     init_trackers,
     load_checkpoint,
     logger,
     make_accelerator,
     maybe_inject_fault,
-    parameter_digest,
     prepare_deepspeed_batch_size,
     progress_bar,
     resolve_resume,
     save_checkpoint,
+    save_final_checkpoint,
     save_image_grid,
     seed_everything,
     setup_logging,
+    write_run_config,
     setup_plain_logging,
 )
 from ..config import add_common_arguments, config_to_dict, load_config
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
 from .config import FIXTURE_VAE, TokenizerModelConfig, TokenizerTrainConfig
-from .losses import PatchDiscriminator, TokenizerLoss, build_perceptual_loss, hinge_d_loss
+from .losses import PatchDiscriminator, TokenizerLoss, build_perceptual_loss
 from .stats import apply_detail_statistics, measure_detail_statistics
 
 # ---------------------------------------------------------------------------- building
@@ -99,10 +102,6 @@ def make_target(config: TokenizerTrainConfig, vae, image01: torch.Tensor) -> tor
     if config.loss.target == "stock_vae_reconstruction":
         return stock_reconstruction(vae, image_pm)
     return image_pm
-
-
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
 # ---------------------------------------------------------------------------- exporting
@@ -194,11 +193,7 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
     if config.data.index_cache is None:
         config.data.index_cache = str(out / "data_index.json")
 
-    if accelerator.is_main_process:
-        import yaml
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_run_config(accelerator, out, config)
     records, report = load_or_build_index(config.data, accelerator)
     if accelerator.is_main_process:
         from dataclasses import asdict
@@ -212,8 +207,9 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
                 sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = torch.optim.AdamW(trainable, lr=loop.learning_rate, betas=(loop.adam_beta1, loop.adam_beta2),
                                   weight_decay=loop.adam_weight_decay, eps=loop.adam_epsilon)
-    # Stepped by us once per optimizer step (a prepared scheduler steps once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(loop.lr_warmup_steps))
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
+                                 num_warmup_steps=loop.lr_warmup_steps * accelerator.num_processes)
     perceptual = build_perceptual_loss(config.loss, perceptual_net) if config.loss.lpips_weight > 0 else None
     loss_fn = TokenizerLoss(config.loss, perceptual).to(accelerator.device)
 
@@ -222,10 +218,9 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
         disc = PatchDiscriminator(3, config.loss.disc_channels, config.loss.disc_layers, config.loss.disc_norm)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=config.loss.disc_learning_rate or loop.learning_rate,
                                   betas=(loop.adam_beta1, loop.adam_beta2), weight_decay=loop.adam_weight_decay)
-        model, optimizer, disc, opt_d = accelerator.prepare(model, optimizer, disc, opt_d)
+        model, optimizer, lr_scheduler, disc, opt_d = accelerator.prepare(model, optimizer, lr_scheduler, disc, opt_d)
     else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
     disc_plain = accelerator.unwrap_model(disc) if disc is not None else None
     last_layer = unwrapped.decoder_trunk.conv_out.weight
@@ -245,7 +240,7 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
     model.train()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    last_saved = state.step
+    last: dict[str, float] = {}
     pixels = None
     while state.step < loop.max_steps:
         batch = next(batches)
@@ -265,14 +260,12 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
                 if norm is not None:  # DeepSpeed clips inside its engine and returns None
                     logs["grad_norm"] = torch.as_tensor(norm).float()
             optimizer.step()
+            lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if disc is not None and loss_fn.gan_active(state.step):
                 disc_plain.requires_grad_(True)
                 with accelerator.autocast():
-                    # one pass over real and fake together: DDP sees a single forward per backward
-                    logits = disc(torch.cat([target, outputs["reconstruction"].detach()]))
-                    real, fake = logits.chunk(2)
-                    d_loss = hinge_d_loss(real, fake)
+                    d_loss = loss_fn.discriminator_loss(disc, target, outputs["reconstruction"])
                 accelerator.backward(d_loss)
                 if accelerator.sync_gradients and loop.max_grad_norm:
                     accelerator.clip_grad_norm_(disc.parameters(), loop.max_grad_norm)
@@ -287,15 +280,15 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
             continue
 
         state.step += 1
-        scheduler.step()
         bar.update(1)
         if state.step % loop.log_every == 0 or state.step == loop.max_steps:
             keys = sorted(sums)
             local = torch.tensor([sums[k] / counts[k] for k in keys], device=accelerator.device)
             mean = accelerator.reduce(local, reduction="mean")
             values = {f"loss/{k}": float(v) for k, v in zip(keys, mean.tolist())}
-            values["lr"] = scheduler.get_last_lr()[0]
+            values["lr"] = lr_scheduler.get_last_lr()[0]
             accelerator.log(values, step=state.step)
+            last = values
             bar.set_postfix(loss=f"{values.get('loss/total', math.nan):.4f}")
             logger.info("step %d: %s", state.step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
         sums, counts = {}, {}
@@ -303,27 +296,25 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
             _save_grid(accelerator, config, unwrapped, vae, pixels, state.step)
         if loop.checkpoint_every and state.step % loop.checkpoint_every == 0:
             save_checkpoint(accelerator, out, state, loop.checkpoints_total_limit)
-            last_saved = state.step
         maybe_inject_fault(state.step)
     bar.close()
 
-    if state.step != last_saved or find_latest_checkpoint(out) is None:
-        save_checkpoint(accelerator, out, state, loop.checkpoints_total_limit)
-    if accelerator.num_processes > 1:
-        digest = parameter_digest(unwrapped, trainable_only=True)
-        (out / "rank_digests").mkdir(parents=True, exist_ok=True)
-        (out / "rank_digests" / f"rank_{accelerator.process_index}.txt").write_text(digest + "\n")
-        from accelerate.utils import gather_object
+    return finish(config, accelerator, unwrapped, vae, records, state, last, pixels)
 
-        digests = gather_object([digest])
-        if len(set(digests)) != 1:
-            logger.error("ranks ended with different weights: %s", digests)
-    accelerator.wait_for_everyone()
+
+def finish(config: TokenizerTrainConfig, accelerator, model: DAVAE, vae, records, state: TrainerState,
+           last: dict[str, float], pixels: torch.Tensor | None) -> Path | None:
+    """Final checkpoint, ``final/summary.json`` (per-rank digests), the exported DA-VAE file."""
+    loop = config.train
+    save_final_checkpoint(accelerator, loop.output_dir, state, loop.checkpoints_total_limit)
+    summary = {"step": state.step, **gather_rank_digests(accelerator, model), "last_logged": last}
     exported = None
     if accelerator.is_main_process:
         if pixels is not None and loop.image_every and state.step % loop.image_every:
-            _save_grid(accelerator, config, unwrapped, vae, pixels, state.step)
-        exported = export_model(config, unwrapped, records, state.step)
+            _save_grid(accelerator, config, model, vae, pixels, state.step)
+        exported = export_model(config, model, records, state.step)
+        summary["export"] = str(exported)
+        write_json_atomic(Path(loop.output_dir) / FINAL_DIR / "summary.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exported

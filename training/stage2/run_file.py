@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..common import find_latest_checkpoint
+from ..common import FINAL_DIR, RUN_CONFIG, find_latest_checkpoint
 from ..config import load_config
 from .config import AdapterTrainConfig
 from .model import build_adapter_model, load_trained_state_dict, trained_parameters, unwrap
@@ -24,8 +24,6 @@ logger = logging.getLogger("davae_training")
 
 TRAINED_FILE = "adapter_trained.safetensors"
 EMA_FILE = "adapter_trained_ema.safetensors"
-RUN_CONFIG = "config.yaml"
-FINAL_DIR = "final"
 
 
 def save_trained(model: torch.nn.Module, ema, folder: str | os.PathLike) -> None:

@@ -23,34 +23,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.optimization import get_scheduler
 
 from davae_core.atomic_files import write_json_atomic
 from davae_core.dtypes import dtype_from_name
 
 from ..common import (
+    FINAL_DIR,
     TrainerState,
     derive_seed,
-    find_latest_checkpoint,
+    gather_rank_digests,
     init_trackers,
     load_checkpoint,
     logger,
     make_accelerator,
     maybe_inject_fault,
-    parameter_digest,
     progress_bar,
     resolve_resume,
     save_checkpoint,
+    save_final_checkpoint,
     save_image_grid,
     seed_everything,
     setup_logging,
+    write_run_config,
 )
-from ..config import add_common_arguments, config_to_dict, load_config
+from ..config import add_common_arguments, load_config
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
 from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
 from .config import AdapterTrainConfig, load_davae_for_training
 from .model import build_adapter_model, make_ema, trained_parameters, unwrap
 from .objective import drop_prompts, flow_matching_loss
-from .run_file import EMA_FILE, FINAL_DIR, RUN_CONFIG, TRAINED_FILE, load_trained, run_info, save_trained, stock_head_state
+from .run_file import EMA_FILE, TRAINED_FILE, load_trained, run_info, save_trained, stock_head_state
 from .sampler import sample_latents
 from .text_conditioning import build_text_conditioner
 
@@ -158,17 +161,11 @@ def build_dataloader(cfg: AdapterTrainConfig, accelerator, start_micro_batch: in
 
 # ---------------------------------------------------------------------------- the run
 def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
-    import yaml
-    from diffusers.optimization import get_scheduler
-
     loop = cfg.train
     accelerator = make_accelerator(loop)
     setup_logging(accelerator, loop.output_dir)
     seed_everything(loop.seed)
-    out = Path(loop.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_run_config(accelerator, loop.output_dir, cfg)
 
     model = build_adapter_model(cfg.model, gradient_checkpointing=loop.gradient_checkpointing).to(accelerator.device)
     model.train()
@@ -260,15 +257,10 @@ def finish(cfg: AdapterTrainConfig, accelerator, model, ema, state: TrainerState
            base_heads: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Final checkpoint, ``final/`` (trained tensors, per-rank digests), ComfyUI export."""
     loop = cfg.train
-    latest = find_latest_checkpoint(loop.output_dir)
-    if loop.checkpoint_every and (latest is None or not latest.name.endswith(f"{state.step:08d}")):
-        save_checkpoint(accelerator, loop.output_dir, state, loop.checkpoints_total_limit)
+    if loop.checkpoint_every:
+        save_final_checkpoint(accelerator, loop.output_dir, state, loop.checkpoints_total_limit)
     net = unwrap(model)
-    digests = accelerator.gather_for_metrics([parameter_digest(net, trainable_only=True)], use_gather_object=True)
-    summary = {"step": state.step, "world_size": accelerator.num_processes, "rank_digests": digests,
-               "ranks_in_sync": len(set(digests)) == 1, "last_logged": last}
-    if not summary["ranks_in_sync"]:
-        logger.error("trained weights differ between ranks: %s", digests)
+    summary = {"step": state.step, **gather_rank_digests(accelerator, net), "last_logged": last}
     if accelerator.is_main_process:
         final = Path(loop.output_dir) / FINAL_DIR
         final.mkdir(parents=True, exist_ok=True)
