@@ -1,8 +1,8 @@
 """Build the paper's synthetic stage-2 dataset: images the base model makes from a prompt list.
 
-    python -m davae_training.synthetic_data --pretrained /models/sd3.5-medium --prompts prompts.txt \\
+    python -m davae_training.data.synthetic --pretrained /models/sd3.5-medium --prompts prompts.txt \\
         --out data/sd35m_synth --resolution 1024 [--per-prompt 1 --steps 28 --guidance 4.5 --seed 0]
-    accelerate launch -m davae_training.synthetic_data ...   # ranks split the work
+    accelerate launch -m davae_training.data.synthetic ...   # ranks split the work
 
 The paper fine-tunes on images SD3.5-Medium itself generated from DiffusionDB prompts
 (then 5k steps on FLUX images).  Prompts come from a ``.txt`` file (one per line) or a
@@ -140,7 +140,7 @@ def build_synthetic_dataset(prompts: Sequence[str], out_dir: str | os.PathLike, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m davae_training.synthetic_data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m davae_training.data.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl prompt list")
     ap.add_argument("--out", required=True)
     ap.add_argument("--pretrained", default="", help="local diffusers SD3.5 folder (StableDiffusion3Pipeline)")

@@ -1,6 +1,6 @@
 """Reconstruction quality of a DA-VAE against the stock VAE, on a folder of images.
 
-    python -m davae_training.evaluate_tokenizer --davae runs/davae_sd3/davae.safetensors \\
+    python -m davae_training.stage1.evaluate --davae runs/davae_sd3/davae.safetensors \\
         --vae /models/stable-diffusion-3.5-medium --subfolder vae --images /data/val --resolution 1024 \\
         --out runs/davae_sd3/eval
 
@@ -146,7 +146,7 @@ def evaluate(davae: DAVAE, vae, images: list[str], resolution: int, out_dir: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m davae_training.evaluate_tokenizer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m davae_training.stage1.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--davae", required=True, help="exported DA-VAE .safetensors")
     ap.add_argument("--vae", required=True, help="the stock VAE: diffusers AutoencoderKL folder (or 'fixture:tiny')")
     ap.add_argument("--subfolder", default=None, help="e.g. 'vae' inside a full SD3 folder")

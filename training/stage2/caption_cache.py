@@ -5,7 +5,7 @@ Pairs come from :mod:`davae_training.data.images` (folders with sidecar ``.txt``
 drops them).  Training can run straight from pixels (the DA-VAE and the text encoders run
 every step) or from a cache:
 
-    python -m davae_training.caption_data --config training/configs/sd35m_1024.yaml
+    python -m davae_training.stage2.caption_cache --config training/configs/sd35m_1024.yaml
 
 writes ``data.cache_dir``: ``shard-00000.safetensors ...`` holding, per sample, the
 normalised structured latent (``latents``, (32, H/16, W/16)), the text tokens (``embeds``,
@@ -51,7 +51,7 @@ def cache_is_complete(cache_dir: str | os.PathLike | None) -> bool:
 class CachedConditioningDataset(Dataset):
     """Items ``{"latents", "embeds", "pooled", "caption", "key", "index"}`` from a cache.
 
-    Item ``k`` is sample ``k % n`` (the convention of :class:`.image_data.ResumableSampler`).
+    Item ``k`` is sample ``k % n`` (the convention of :class:`davae_training.data.images.ResumableSampler`).
     Tensors are returned in float32.
     """
 
@@ -60,7 +60,7 @@ class CachedConditioningDataset(Dataset):
         if not cache_is_complete(self.root):
             raise FileNotFoundError(
                 f"{self.root}: no complete stage-2 cache (missing {CACHE_INDEX}); build it with "
-                "python -m davae_training.caption_data --config CONFIG"
+                "python -m davae_training.stage2.caption_cache --config CONFIG"
             )
         index = json.loads((self.root / CACHE_INDEX).read_text())
         if index.get("version") != CACHE_VERSION:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     from .config import AdapterTrainConfig, load_davae_for_training
     from .text_conditioning import build_text_conditioner
 
-    ap = argparse.ArgumentParser(prog="python -m davae_training.caption_data", description="Build the stage-2 latent+text cache.")
+    ap = argparse.ArgumentParser(prog="python -m davae_training.stage2.caption_cache", description="Build the stage-2 latent+text cache.")
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

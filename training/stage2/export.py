@@ -1,6 +1,6 @@
 """Export a stage-2 run for ComfyUI: a LoRA file and a DA heads file.
 
-    python -m davae_training.export_comfy --run RUN_DIR [--checkpoint latest|PATH] [--no-ema] --out OUT_DIR
+    python -m davae_training.stage2.export --run RUN_DIR [--checkpoint latest|PATH] [--no-ema] --out OUT_DIR
 
 * ``<name>_lora.safetensors``: the peft LoRA with diffusers/peft names and the
   ``transformer.`` prefix (``transformer.transformer_blocks.N.attn.to_q.lora_A.weight``), which
@@ -106,7 +106,7 @@ def export_for_comfy(transformer: nn.Module, out_dir: str | os.PathLike, name: s
 def main(argv: list[str] | None = None) -> None:
     from .run_file import load_run_for_export
 
-    ap = argparse.ArgumentParser(prog="python -m davae_training.export_comfy", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m davae_training.stage2.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="the stage-2 run directory (output_dir of its config)")
     ap.add_argument("--checkpoint", default="latest", help="'latest', 'final' or a checkpoint directory")
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")

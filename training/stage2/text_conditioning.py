@@ -18,7 +18,7 @@ and VAE, with random-weight CLIP-L/CLIP-G/T5 whose tokenizers are built offline 
 CLIP BPE, character T5), so :class:`SD3TextConditioner`, the synthetic-data command and the
 trainer's real text path run without any download:
 
-    python -m davae_training.text_encoding --write-tiny FOLDER --transformer runs/fixtures/sd3_transformer \\
+    python -m davae_training.stage2.text_conditioning --write-tiny FOLDER --transformer runs/fixtures/sd3_transformer \\
         --vae runs/fixtures/sd3_vae
 """
 
@@ -236,7 +236,7 @@ def write_tiny_sd3_pipeline(folder: str | Path, transformer_dir: str | Path, vae
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m davae_training.text_encoding",
+    ap = argparse.ArgumentParser(prog="python -m davae_training.stage2.text_conditioning",
                                  description="Write a tiny random diffusers SD3 folder (for tests and smoke runs).")
     ap.add_argument("--write-tiny", required=True, metavar="FOLDER")
     ap.add_argument("--transformer", required=True, help="a tiny SD3Transformer2DModel folder (davae_core.fixtures: sd3_transformer)")
