@@ -139,10 +139,6 @@ def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trained_parameters(model).items()}
-
-
 @torch.no_grad()
 def load_trained_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Put trained tensors back; refuses missing, extra or mis-shaped names."""
