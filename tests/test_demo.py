@@ -14,6 +14,10 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
     assert report["variant"] == "full"
     assert set(report["reconstruction_128px"]) == {"davae", "stock_full", "stock_half_upsampled"}
     assert set(report["generation_swd_vs_real_128px"]) == {"da", "baseline"}
+    assert set(report["attribute_accuracy"]) == {"real", "da", "baseline"}
+    assert all(0.0 <= v <= 1.0 for v in report["attribute_accuracy"].values())
+    assert set(report["attribute_accuracy_by_attribute"]["da"]) == {"shape", "colour", "background", "mean", "all"}
+    assert set(report["detail_energy_ratio"]) == {"da", "baseline"} and all(v > 0 for v in report["detail_energy_ratio"].values())
     for metrics in report["reconstruction_128px"].values():
         assert metrics["psnr"] > 0 and -1 <= metrics["ssim"] <= 1
     assert report["comfyui"].get("skipped") or report["comfyui"].get("image")

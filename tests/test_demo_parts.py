@@ -52,3 +52,62 @@ def test_swd_ranks_blur_and_noise_behind_real_samples():
     noise = multiscale_swd(real, torch.rand_like(real))
     assert same["level0"] < blur["level0"]  # lost detail shows at the finest level
     assert same["mean"] < noise["mean"] and blur["mean"] < noise["mean"]
+
+
+def test_captions_parse_back_into_attributes_and_odd_captions_are_refused():
+    import pytest
+
+    from davae_training.procedural_images import BACKGROUNDS, COLOURS, caption_attributes
+
+    for i in range(20):
+        attrs = caption_attributes(make_sample(i, 32).caption)
+        assert attrs["colour"] in COLOURS and attrs["background"] in BACKGROUNDS
+    assert not set(COLOURS) & set(BACKGROUNDS)  # a bag of words must tell shape colour from background
+    with pytest.raises(ValueError, match="not a procedural caption"):
+        caption_attributes("a red fox")
+
+
+def test_toy_classifier_reads_held_out_real_images_and_not_noise():
+    from davae_training.toy_classifier import attribute_scores, train_classifier
+
+    torch.set_num_threads(2)
+    images, captions = make_batch(0, 192, 64)
+    judge = train_classifier(images, captions, steps=120, progress=False).model
+    held_out, held_captions = make_batch(1_000_000, 48, 128)  # judged at the demo's 128 px
+    real = attribute_scores(judge, held_out, held_captions)
+    assert real["mean"] >= 0.9 and set(real) == {"shape", "colour", "background", "mean", "all"}, real
+    noise = attribute_scores(judge, torch.rand_like(held_out), held_captions)
+    assert noise["mean"] < 0.6 and noise["all"] < real["all"], noise
+    shuffled = attribute_scores(judge, held_out.roll(1, 0), held_captions)  # right images, wrong captions
+    assert shuffled["mean"] < real["mean"] - 0.2, shuffled
+
+
+def test_detail_energy_ratio_is_one_for_real_images_below_for_blur_above_for_noise():
+    from davae_training.detail_energy import detail_energy_ratio
+
+    real, _ = make_batch(0, 16, 128)
+    other, _ = make_batch(100, 16, 128)
+    blurred = F.interpolate(F.interpolate(other, scale_factor=0.5, mode="bicubic"), scale_factor=2, mode="bicubic").clamp(0, 1)
+    assert 0.8 < detail_energy_ratio(other, real) < 1.25
+    assert detail_energy_ratio(blurred, real) < 0.75  # a 2x down-up keeps only what 64 px holds
+    assert detail_energy_ratio((other + 0.1 * torch.randn_like(other)).clamp(0, 1), real) > 1.2
+    import pytest
+
+    with pytest.raises(ValueError, match="one size"):
+        detail_energy_ratio(real[..., :64, :64], real)
+
+
+def test_ablation_table_reports_mean_and_spread_over_seeds():
+    from davae_training.demo import ablation_table
+
+    def report(variant, acc):
+        return {"variant": variant, "attribute_accuracy": {"da": acc, "baseline": 0.7},
+                "detail_energy_ratio": {"da": 0.9, "baseline": 0.3},
+                "generation_swd_vs_real_128px": {"da": {"level0": 0.1, "mean": 0.2}},
+                "reconstruction_128px": {"davae": {"psnr": 25.0}}}
+
+    table = ablation_table([report("full", 0.8), report("no-align", 0.6), report("full", 0.9), report("no-align", 0.7)])
+    lines = table.splitlines()
+    assert lines[2].startswith("| full | 2 | 0.8500 ± 0.0707") and lines[3].startswith("| no-align | 2 | 0.6500 ± 0.0707")
+    assert "standard deviation over seeds" in table
+    assert "±" not in ablation_table([report("full", 0.8)])

@@ -1,7 +1,7 @@
 """The whole DA-VAE recipe at toy scale, on this CPU, with no downloaded weights.
 
     python -m davae_training.demo [--out demo_out] [--no-align] [--no-zero-init] [--no-schedule]
-    python -m davae_training.demo --ablation      # the four rows of the paper's Table 5, at toy scale
+    python -m davae_training.demo --ablation [--seeds 3]  # the four rows of the paper's Table 5, at toy scale
 
 1. data: procedural images with structure at 64 px and detail that only exists at 128 px;
 2. the "pretrained" models: a narrow SD3-layout VAE and SD3.5-layout DiT, trained here at the
@@ -9,7 +9,10 @@
 3. stage 1: the DA-VAE from that VAE (128 px -> 32 x 8 x 8) with the tokenizer trainer;
 4. stage 2: the warm-started DiT (zero-init P'/O', LoRA, w(n)) with the adapter trainer;
 5. sampling through the DA path (128 px from 4x4 tokens) and the baseline (64 px from the same
-   4x4 tokens, bicubic to 128), then a report: side-by-side image, loss curves, JSON metrics.
+   4x4 tokens, bicubic to 128), then a report: side-by-side image, loss curves, JSON metrics;
+6. the scores: a toy GenEval (a small classifier trained here on the real images reads shape,
+   shape colour and background colour; ``attribute_accuracy``), the one-pixel detail energy
+   relative to real images (``detail_energy_ratio``, 1.0 is real) and a multi-scale SWD.
 
 Every phase leaves its result in ``--out`` and is skipped when it is already there, so an
 interrupted demo resumes where it stopped.  With ``COMFYUI_PATH`` set it also runs the shipped
@@ -50,6 +53,7 @@ class DemoConfig:
     stage2_steps: int = 400
     batch_size: int = 8
     sample_steps: int = 20
+    classifier_steps: int = 200
     guidance: float = 2.0
     shift: float = 1.0
     align: bool = True
@@ -202,6 +206,39 @@ def reconstruction_metrics(pretrained: Path, davae_path: Path, images: torch.Ten
     }
 
 
+def attribute_classifier(cfg: DemoConfig, root: Path, losses: dict[str, list[float]]):
+    """The toy GenEval judge, trained (or reused) on the demo's real training images."""
+    from safetensors.torch import load_file, save_file
+
+    from .toy_classifier import AttributeClassifier, train_classifier
+
+    path = root / f"toy_classifier_{cfg.train_images}.safetensors"
+    if path.is_file():
+        model = AttributeClassifier()
+        model.load_state_dict(load_file(path))
+        return model.eval()
+    images, captions = make_batch(0, cfg.train_images, 2 * BASE_SIZE, cfg.seed)
+    trained = train_classifier(images, captions, steps=cfg.classifier_steps, seed=cfg.seed)
+    save_file(trained.model.state_dict(), path)
+    losses["toy classifier"] = trained.losses
+    return trained.model
+
+
+def sample_scores(judge, samples: dict[str, torch.Tensor], real: torch.Tensor, captions: list[str]) -> dict[str, Any]:
+    """Attribute accuracy (real held-out images, and each path's samples against their own captions)
+    and detail energy relative to the real images, both at 128 px."""
+    from .detail_energy import detail_energy_ratio
+    from .toy_classifier import attribute_scores
+
+    by_attribute = {"real": attribute_scores(judge, real, captions)}
+    by_attribute.update({name: attribute_scores(judge, samples[name], captions) for name in ("da", "baseline")})
+    return {
+        "attribute_accuracy": {name: scores["mean"] for name, scores in by_attribute.items()},
+        "attribute_accuracy_by_attribute": by_attribute,
+        "detail_energy_ratio": {name: round(detail_energy_ratio(samples[name], real), 4) for name in ("da", "baseline")},
+    }
+
+
 def generation_metrics(samples: dict[str, torch.Tensor], real: torch.Tensor, seed: int) -> dict[str, dict[str, float]]:
     from .swd import multiscale_swd
 
@@ -293,6 +330,8 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
     samples = timer.run("sampling", lambda: sample_both(cfg, pretrained, davae_path, stage2, captions))
     recon = timer.run("reconstruction metrics", lambda: reconstruction_metrics(pretrained, davae_path, real))
     generation = generation_metrics(samples, real, cfg.seed)
+    judge = timer.run("toy classifier", lambda: attribute_classifier(cfg, shared, curves))
+    scores = sample_scores(judge, samples, real, captions)
 
     curves["stage 1 loss"] = tensorboard_scalars(davae_path.parent, "loss/total")
     curves["stage 2 base mse"] = tensorboard_scalars(stage2, "loss/base_mse")
@@ -308,6 +347,7 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
         "config": asdict(cfg),
         "tokens": {"da": f"{BASE_SIZE // 16}x{BASE_SIZE // 16}", "baseline": f"{BASE_SIZE // 16}x{BASE_SIZE // 16}"},
         "reconstruction_128px": recon,
+        **scores,
         "generation_swd_vs_real_128px": generation,
         "seconds": timer.seconds,
         "comfyui": comfyui_step(root),
@@ -318,16 +358,48 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
     return report
 
 
+ABLATION_COLUMNS = (  # (header, how to read it from a report)
+    ("attribute acc. DA", lambda r: r["attribute_accuracy"]["da"]),
+    ("attribute acc. baseline", lambda r: r["attribute_accuracy"]["baseline"]),
+    ("detail energy DA (1 = real)", lambda r: r["detail_energy_ratio"]["da"]),
+    ("detail energy baseline", lambda r: r["detail_energy_ratio"]["baseline"]),
+    ("SWD DA (finest level)", lambda r: r["generation_swd_vs_real_128px"]["da"]["level0"]),
+    ("SWD DA (mean)", lambda r: r["generation_swd_vs_real_128px"]["da"]["mean"]),
+    ("DA-VAE PSNR", lambda r: r["reconstruction_128px"]["davae"]["psnr"]),
+)
+
+
 def ablation_table(reports: list[dict[str, Any]]) -> str:
-    rows = ["| variant | SWD DA (finest level) | SWD DA (mean) | SWD baseline (mean) | DA-VAE PSNR |", "|---|---|---|---|---|"]
+    """One row per variant; with reports from several seeds, mean ± standard deviation over them,
+    so a difference between rows can be weighed against the seed-to-seed spread."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in reports:
-        g = r["generation_swd_vs_real_128px"]
-        rows.append(f"| {r['variant']} | {g['da']['level0']:.4f} | {g['da']['mean']:.4f} | {g['baseline']['mean']:.4f} | "
-                    f"{r['reconstruction_128px']['davae']['psnr']:.2f} |")
+        by_variant.setdefault(r["variant"], []).append(r)
+    seeds = max(len(v) for v in by_variant.values())
+    rows = ["| variant | seeds | " + " | ".join(h for h, _ in ABLATION_COLUMNS) + " |", "|---" * (len(ABLATION_COLUMNS) + 2) + "|"]
+    for variant, runs in by_variant.items():
+        cells = []
+        for _, read in ABLATION_COLUMNS:
+            values = torch.tensor([float(read(r)) for r in runs], dtype=torch.float64)
+            cells.append(f"{values.mean():.4f} ± {values.std():.4f}" if len(values) > 1 else f"{values.item():.4f}")
+        rows.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
+    if seeds > 1:
+        rows.append("\n± is the standard deviation over seeds (each seed: its own data, toy models and training runs).")
     return "\n".join(rows)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
+def run_ablation(cfg: DemoConfig, seeds: int) -> list[dict[str, Any]]:
+    """The four rows of Table 5 for each seed; a seed's variants share its data, toy models and stage 1."""
+    variants = [{}, {"align": False}, {"zero_init": False}, {"schedule": False}]
+    reports = []
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        root = Path(cfg.out) if seeds == 1 else Path(cfg.out) / f"seed{seed}"
+        for v in variants:
+            reports.append(run_demo(DemoConfig(**{**asdict(cfg), **v, "seed": seed, "out": str(root)}), share_root=root))
+    return reports
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool, int]:
     ap = argparse.ArgumentParser(prog="python -m davae_training.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--seed", type=int, default=0)
@@ -335,6 +407,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
     ap.add_argument("--no-zero-init", action="store_true", help="stage 2 with randomly initialised P', O' (Table 5 row 3)")
     ap.add_argument("--no-schedule", action="store_true", help="stage 2 with w(n) = 1 from the start (Table 5 row 4)")
     ap.add_argument("--ablation", action="store_true", help="run the full recipe and all three ablations, sharing what they share")
+    ap.add_argument("--seeds", type=int, default=1, help="with --ablation: repeat it for this many seeds (from --seed) and "
+                    "report mean ± std, to tell real differences from seed noise")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores)")
     ap.add_argument("--quick", action="store_true", help="a fraction of the steps: checks the plumbing, not the method")
@@ -343,24 +417,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
                      schedule=not args.no_schedule, threads=args.threads)
     if args.quick:
         cfg = DemoConfig(**{**asdict(cfg), "train_images": 32, "eval_images": 8, "base_vae_steps": 6, "base_dit_steps": 6,
-                            "stage1_steps": 4, "stage2_steps": 4, "batch_size": 2, "sample_steps": 2})
-    return cfg, args.ablation
+                            "stage1_steps": 4, "stage2_steps": 4, "batch_size": 2, "sample_steps": 2,
+                            "classifier_steps": 60})
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
+    return cfg, args.ablation, args.seeds
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    cfg, ablation = parse_args(argv)
+    cfg, ablation, seeds = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     if not ablation:
         report = run_demo(cfg)
-        print(json.dumps({k: report[k] for k in ("variant", "reconstruction_128px", "generation_swd_vs_real_128px", "seconds")}, indent=2))
+        keys = ("variant", "reconstruction_128px", "attribute_accuracy", "detail_energy_ratio", "generation_swd_vs_real_128px", "seconds")
+        print(json.dumps({k: report[k] for k in keys}, indent=2))
     else:
-        variants = [{}, {"align": False}, {"zero_init": False}, {"schedule": False}]
-        reports = [run_demo(DemoConfig(**{**asdict(cfg), **v}), share_root=Path(cfg.out)) for v in variants]
-        table = ablation_table(reports)
+        table = ablation_table(run_ablation(cfg, seeds))
         (Path(cfg.out) / "ablation.md").write_text(table + "\n")
         print(table)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; results in {cfg.out}/")

@@ -3,8 +3,10 @@
 Each image is a smooth two-colour background gradient with one large shape (what the base
 latent of the half-resolution image can carry), overlaid with what a 2x downsample wipes out:
 one-pixel stripes or a checker texture inside the shape, thin strokes and a hard outline.  A
-caption names the parts ("red circle, blue background, stripes"), so a text-conditioned toy
-DiT has something to follow.  Everything is a pure function of ``(seed, index)``.
+caption names the parts ("red circle with stripes on teal background"), so a text-conditioned toy
+DiT has something to follow.  Shape colours and background colours have disjoint names: the toy
+text conditioner is a bag of words, and "red on teal" must not read like "teal on red".
+Everything is a pure function of ``(seed, index)``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-COLOURS = {
+COLOURS = {  # of the shape
     "red": (0.85, 0.15, 0.15),
     "green": (0.2, 0.7, 0.25),
     "blue": (0.15, 0.3, 0.85),
     "yellow": (0.95, 0.85, 0.2),
     "purple": (0.6, 0.25, 0.75),
     "white": (0.95, 0.95, 0.95),
+}
+BACKGROUNDS = {  # distinct from every shape colour, in name and in value
+    "black": (0.08, 0.08, 0.08),
+    "grey": (0.5, 0.5, 0.5),
+    "teal": (0.1, 0.45, 0.45),
+    "orange": (0.95, 0.55, 0.1),
 }
 SHAPES = ("circle", "square", "triangle")
 TEXTURES = ("stripes", "checker", "dots")
@@ -54,21 +62,21 @@ def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarr
 def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
     """The ``index``-th image of the stream ``seed`` (deterministic, no global RNG)."""
     rng = np.random.default_rng([seed, index])
-    names = list(COLOURS)
-    fg, bg = rng.choice(len(names), size=2, replace=False)
+    fg_name = list(COLOURS)[rng.integers(len(COLOURS))]
+    bg_name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
     # base-resolution structure: gradient background and a large shape
-    bg_rgb = np.array(COLOURS[names[bg]], dtype=np.float32)
+    bg_rgb = np.array(BACKGROUNDS[bg_name], dtype=np.float32)
     ramp = (0.75 + 0.25 * (yy / size))[..., None]
     img = bg_rgb[None, None, :] * ramp
     # a large shape near the centre: enough layout for a toy DiT to learn in a minute
     r = size * rng.uniform(0.26, 0.32)
     cy, cx = size / 2 + rng.uniform(-0.08, 0.08, size=2) * size
     mask = _shape_mask(shape, yy, xx, cy, cx, r)
-    fg_rgb = np.array(COLOURS[names[fg]], dtype=np.float32)
+    fg_rgb = np.array(COLOURS[fg_name], dtype=np.float32)
 
     # full-resolution detail: 1-2 px texture, hard outline, thin strokes
     period = int(rng.integers(2, 4))
@@ -84,8 +92,16 @@ def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
         xs = np.clip((x0 + (x1 - x0) * t).astype(int), 0, size - 1)
         img[ys, xs] = 0.02 if rng.random() < 0.5 else 0.98
 
-    caption = f"{names[fg]} {shape} with {texture} on {names[bg]} background"
+    caption = f"{fg_name} {shape} with {texture} on {bg_name} background"
     return ProceduralSample(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)).clamp(0, 1), caption)
+
+
+def caption_attributes(caption: str) -> dict[str, str]:
+    """``{"shape", "colour", "texture", "background"}`` of a caption written by ``make_sample``."""
+    words = caption.split()
+    if len(words) != 7 or words[2] != "with" or words[4] != "on" or words[6] != "background":
+        raise ValueError(f"not a procedural caption (expected 'COLOUR SHAPE with TEXTURE on COLOUR background'): {caption!r}")
+    return {"colour": words[0], "shape": words[1], "texture": words[3], "background": words[5]}
 
 
 def make_batch(start: int, count: int, size: int = 128, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
