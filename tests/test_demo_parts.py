@@ -57,7 +57,7 @@ def test_swd_ranks_blur_and_noise_behind_real_samples():
 def test_captions_parse_back_into_attributes_and_odd_captions_are_refused():
     import pytest
 
-    from davae_training.procedural_images import BACKGROUNDS, COLOURS, caption_attributes
+    from davae_training.demo.procedural_images import BACKGROUNDS, COLOURS, caption_attributes
 
     for i in range(20):
         attrs = caption_attributes(make_sample(i, 32).caption)
@@ -68,7 +68,7 @@ def test_captions_parse_back_into_attributes_and_odd_captions_are_refused():
 
 
 def test_toy_classifier_reads_held_out_real_images_and_not_noise():
-    from davae_training.toy_classifier import attribute_scores, train_classifier
+    from davae_training.demo.toy_classifier import attribute_scores, train_classifier
 
     torch.set_num_threads(2)
     images, captions = make_batch(0, 192, 64)
@@ -83,7 +83,7 @@ def test_toy_classifier_reads_held_out_real_images_and_not_noise():
 
 
 def test_detail_energy_ratio_is_one_for_real_images_below_for_blur_above_for_noise():
-    from davae_training.detail_energy import detail_energy_ratio
+    from davae_training.demo.detail_energy import detail_energy_ratio
 
     real, _ = make_batch(0, 16, 128)
     other, _ = make_batch(100, 16, 128)

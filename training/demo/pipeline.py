@@ -33,6 +33,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from davae_core.structured_latent import vae_shift_scale
+
 from .procedural_images import make_batch, write_folder
 
 logger = logging.getLogger("davae_training.demo")
@@ -183,7 +185,8 @@ def sample_both(cfg: DemoConfig, pretrained: Path, davae_path: Path, stage2_run:
     vae = AutoencoderKL.from_pretrained(pretrained / "vae").eval()
     base_latents = sample_latents(base_dit, embeds, pooled, null_e[0], null_p[0], (16, grid, grid), cfg.sample_steps,
                                   cfg.guidance, cfg.shift, torch.Generator().manual_seed(cfg.seed))
-    raw = base_latents / vae.config.scaling_factor + vae.config.shift_factor
+    shift, scale = vae_shift_scale(vae.config)
+    raw = base_latents / scale + shift
     low = ((vae.decode(raw).sample + 1) / 2).clamp(0, 1)
     baseline = F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
     return {"da": da_images.clamp(0, 1), "baseline": baseline, "baseline_low": low}

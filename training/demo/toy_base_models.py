@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from davae_core.davae_model import tiny_vae_config
 from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
+from davae_core.structured_latent import vae_shift_scale
 
 from ..stage2.objective import FlowObjectiveConfig, noisy_latents, sample_sigmas
 
@@ -69,7 +70,8 @@ def train_base_vae(images: torch.Tensor, steps: int = 300, batch_size: int = 16,
 def normalised_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Posterior means in the DiT's space, ``(z - shift) * scale``, as SD3 feeds its MMDiT."""
     z = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in images.split(64)])
-    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+    shift, scale = vae_shift_scale(vae.config)
+    return (z - shift) * scale
 
 
 def base_dit_config(joint_attention_dim: int, pooled_dim: int) -> dict:
