@@ -35,8 +35,8 @@ from .file_validation import (
     check_tensors_fit_storage,
     compare_shapes,
     load_weights_only_pickle,
-    meta_shapes,
 )
+from .davae_param_shapes import davae_state_shapes
 from .heads import DAHeads, HeadsConfig
 
 _TOKENIZER_MARKERS = ("dc_down.conv.weight", "dc_up.conv.weight")
@@ -79,9 +79,9 @@ def convert_tokenizer_state(
     cfg = dict(vae_config or SD3_VAE_CONFIG)
     cfg["latent_channels"] = base
     # the architecture comes from tensor shapes (and a config.json): bound it like our files' metadata
-    config = bounded_davae_config(
+    config = DAVAEConfig.from_dict(bounded_davae_config(
         source, {"base_vae": cfg, "detail_channels": detail, "base_name": "sd3", "decoder_input_order": "detail_base"}
-    )
+    ))
 
     ours: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -107,7 +107,7 @@ def import_tokenizer(
     config, state = convert_tokenizer_state(_read_any(path), str(path), vae_config)
     has_base = any(k.startswith("base_encoder.") for k in state)
     # shapes first, on the meta device: the real model is built only for tensors that fit it
-    expected = meta_shapes(lambda: DAVAE(config, with_base_encoder=has_base), path)
+    expected = davae_state_shapes(config.to_dict(), has_base)
     found = {k: tuple(v.shape) for k, v in state.items()}
     found.update({k: s for k, s in expected.items() if k.startswith("normalizer.")})  # ours, not theirs
     compare_shapes(path, expected, found)

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .davae_model import DAVAE
+from .davae_model import DAVAE, DAVAEConfig
 from .file_validation import (
     MAX_CONFIG_BYTES,
     MAX_INFO_BYTES,
@@ -38,7 +38,7 @@ from .file_validation import (
     parse_metadata_json,
     read_safetensors_header,
 )
-from .heads import DAHeads
+from .heads import DAHeads, HeadsConfig  # noqa: F401  (HeadsConfig: re-exported as before)
 
 FORMAT_VERSION = "1"
 KIND_DAVAE = "davae"
@@ -193,7 +193,7 @@ def load_davae(
     meta = _parse_metadata(path, header.metadata, KIND_DAVAE)
     checked = check_davae_file(path, header, meta["config"])
     state = load_tensors(path)
-    model = DAVAE(checked.config, with_base_encoder=checked.with_base_encoder)
+    model = DAVAE(DAVAEConfig.from_dict(checked.config), with_base_encoder=checked.with_base_encoder)
     check_state_dict(path, model, state)  # the tensors read are the ones checked
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()

@@ -7,8 +7,9 @@ any check ran.  So every loader of our files goes through here first:
 1. the safetensors header is parsed by hand with a size limit (no tensor data read, duplicate
    keys refused: the safetensors library silently keeps the last one);
 2. the metadata JSON is size-limited and its config parsed into bounded values;
-3. the model is built on the ``meta`` device (shapes only, no memory) and its parameter shapes
-   are compared with the tensor shapes in the header.
+3. the parameter shapes the config implies (heads: a ``meta``-device build, no memory; DA-VAE:
+   :mod:`davae_param_shapes`, equal to a meta build and free of diffusers) are compared with
+   the tensor shapes in the header.
 
 Only a file that passes is materialised, so what a load allocates follows what the file
 holds, not what it claims.  Pickles cannot be inspected before loading; they are read only
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .davae_model import DAVAE, DAVAEConfig
+from .davae_param_shapes import davae_state_shapes
 from .heads import DAHeads, HeadsConfig
 
 
@@ -248,8 +249,9 @@ def _bounded_base_vae(path: Any, vae: Any) -> dict[str, Any]:
     return out  # other keys of a diffusers config.json do not shape the modules
 
 
-def bounded_davae_config(path: Any, config: Any) -> DAVAEConfig:
-    """A :class:`DAVAEConfig` whose widths, channels and block counts are within the ranges above."""
+def bounded_davae_config(path: Any, config: Any) -> dict[str, Any]:
+    """A DA-VAE config (``DAVAEConfig.from_dict`` input) whose widths, channels and block counts are
+    within the ranges above and fit the DA-VAE's own layers."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: the DA-VAE config must be a JSON object")
     vae = _bounded_base_vae(path, config.get("base_vae"))
@@ -260,7 +262,12 @@ def bounded_davae_config(path: Any, config: Any) -> DAVAEConfig:
     order = config.get("decoder_input_order", "base_detail")
     if order not in ("base_detail", "detail_base"):
         raise _field_error(path, "decoder_input_order", order, "'base_detail' or 'detail_base'")
-    return DAVAEConfig(base_vae=vae, detail_channels=detail, base_name=base_name, decoder_input_order=order)
+    features, base = vae["block_out_channels"][-1], vae["latent_channels"]
+    if (2 * detail) % 4 or (4 * features) % (2 * detail):
+        raise _field_error(path, "detail_channels", detail, f"an even number whose double divides 4 x {features} trunk channels")
+    if (4 * features) % (base + detail):
+        raise _field_error(path, "base_vae.latent_channels", base, f"a count that with {detail} detail channels divides 4 x {features}")
+    return {"base_vae": vae, "detail_channels": detail, "base_name": base_name, "decoder_input_order": order}
 
 
 # ------------------------------------------------------------------ shapes on the meta device
@@ -305,7 +312,7 @@ def _header_shapes(header: SafetensorsHeader) -> tuple[dict[str, tuple[int, ...]
 
 @dataclass(frozen=True)
 class CheckedDAVAEFile:
-    config: DAVAEConfig
+    config: dict[str, Any]  # bounded; DAVAEConfig.from_dict builds from it
     with_base_encoder: bool
 
 
@@ -315,10 +322,10 @@ class CheckedHeadsFile:
     with_base_layers: bool
 
 
-def check_davae_tensors(source: Any, config: DAVAEConfig, found: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None) -> bool:
-    """Compare tensor shapes with a meta build of ``config``; returns whether they hold a base encoder."""
+def check_davae_tensors(source: Any, config: dict[str, Any], found: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None) -> bool:
+    """Compare tensor shapes with those a bounded ``config`` implies; returns whether they hold a base encoder."""
     has_base = any(k.startswith("base_encoder.") for k in found)
-    compare_shapes(source, meta_shapes(lambda: DAVAE(config, with_base_encoder=has_base), source), found, dtypes)
+    compare_shapes(source, davae_state_shapes(config, has_base), found, dtypes)
     return has_base
 
 

@@ -393,3 +393,17 @@ def test_refusals_allocate_less_than_200_mb_above_baseline(tmp_path, davae_file,
         assert case["refused"] and Path(case["path"]).name in case["refused"], case
         assert case["peak_mb"] - base < 200, f"{case['loader']}({Path(case['path']).name}) peaked {case['peak_mb'] - base:.0f} MB above baseline"
     assert result["control_peak_mb"] - base > 250, "the measurement must see a 400 MB allocation above 200 MB"
+
+
+# ------------------------------------------------------------------ shapes without diffusers
+@pytest.mark.parametrize("attention, quant, layers, with_base", [(True, False, 1, True), (False, True, 2, True), (True, True, 1, False)])
+def test_davae_param_shapes_equal_a_meta_build_of_the_model(attention, quant, layers, with_base):
+    from davae_core import tiny_vae_config
+    from davae_core.davae_model import DAVAE, SD3_VAE_CONFIG, DAVAEConfig
+    from davae_core.davae_param_shapes import davae_state_shapes
+
+    for vae in (tiny_vae_config(attention), SD3_VAE_CONFIG):
+        config = DAVAEConfig(base_vae={**vae, "use_quant_conv": quant, "layers_per_block": layers, "mid_block_add_attention": attention})
+        with torch.device("meta"):
+            model = DAVAE(config, with_base_encoder=with_base)
+        assert davae_state_shapes(config.to_dict(), with_base) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
