@@ -28,6 +28,15 @@ import torch
 
 from .checkpoint import CheckpointError, check_state_dict, load_pickled_state_dict, load_tensors, save_davae, save_heads
 from .davae_model import DAVAE, SD3_VAE_CONFIG, DAVAEConfig
+from .file_validation import (
+    bounded_davae_config,
+    bounded_heads_config,
+    check_heads_tensors,
+    check_tensors_fit_storage,
+    compare_shapes,
+    load_weights_only_pickle,
+)
+from .davae_param_shapes import davae_state_shapes
 from .heads import DAHeads, HeadsConfig
 
 _TOKENIZER_MARKERS = ("dc_down.conv.weight", "dc_up.conv.weight")
@@ -55,6 +64,8 @@ def convert_tokenizer_state(
             f"{source}: not an authors' SD3 DA-VAE checkpoint (no {' / '.join(_TOKENIZER_MARKERS)} keys)"
         )
     down, up = state["dc_down.conv.weight"], state["dc_up.conv.weight"]
+    if down.ndim != 4 or up.ndim != 4:
+        raise CheckpointError(f"{source}: dc_down/dc_up weights must be 4-D convolutions, got {tuple(down.shape)} and {tuple(up.shape)}")
     moments = down.shape[0] * 4
     detail = moments // 2
     latent_in = up.shape[1]
@@ -67,7 +78,10 @@ def convert_tokenizer_state(
         )
     cfg = dict(vae_config or SD3_VAE_CONFIG)
     cfg["latent_channels"] = base
-    config = DAVAEConfig(base_vae=cfg, detail_channels=detail, base_name="sd3", decoder_input_order="detail_base")
+    # the architecture comes from tensor shapes (and a config.json): bound it like our files' metadata
+    config = DAVAEConfig.from_dict(bounded_davae_config(
+        source, {"base_vae": cfg, "detail_channels": detail, "base_name": "sd3", "decoder_input_order": "detail_base"}
+    ))
 
     ours: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -92,6 +106,11 @@ def import_tokenizer(
     """Load an authors' tokenizer file as a :class:`DAVAE` (base encoder included when present)."""
     config, state = convert_tokenizer_state(_read_any(path), str(path), vae_config)
     has_base = any(k.startswith("base_encoder.") for k in state)
+    # shapes first, on the meta device: the real model is built only for tensors that fit it
+    expected = davae_state_shapes(config.to_dict(), has_base)
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    found.update({k: s for k, s in expected.items() if k.startswith("normalizer.")})  # ours, not theirs
+    compare_shapes(path, expected, found)
     model = DAVAE(config, with_base_encoder=has_base)
     state.update({f"normalizer.{k}": v for k, v in model.normalizer.state_dict().items()})
     check_state_dict(path, model, state)
@@ -116,19 +135,32 @@ def convert_heads_state(state: dict[str, torch.Tensor], source: str = "state dic
             f"{source}: no authors' DA heads found (expected tokenizer_patch_embed.proj.extra_conv.* "
             "and project_out.extra_linear.*)"
         )
-    hidden, detail, p, _ = ours["detail_embed.weight"].shape
+    if not all(isinstance(v, torch.Tensor) for v in ours.values()):
+        raise CheckpointError(f"{source}: its DA head entries are not all tensors")
+    embed = ours["detail_embed.weight"]
+    if embed.ndim != 4 or ("base_embed.weight" in ours and ours["base_embed.weight"].ndim != 4):
+        raise CheckpointError(f"{source}: the patch embedder weight must be a 4-D convolution, got {tuple(embed.shape)}")
+    hidden, detail, p, _ = embed.shape
     base = ours["base_embed.weight"].shape[1] if "base_embed.weight" in ours else detail
-    return HeadsConfig(hidden_size=hidden, patch_size=p, base_channels=base, detail_channels=detail), ours
+    config = bounded_heads_config(
+        source, {"hidden_size": hidden, "patch_size": p, "base_channels": base, "detail_channels": detail}
+    )
+    return config, ours
 
 
 def import_heads(path: str | os.PathLike, use_ema: bool = False) -> DAHeads:
-    raw = torch.load(str(path), map_location="cpu", weights_only=True) if Path(path).suffix != ".safetensors" else load_tensors(path)
+    raw = load_weights_only_pickle(path) if Path(path).suffix != ".safetensors" else load_tensors(path)
     if isinstance(raw, dict) and ("model_state_dict" in raw or "ema_state_dict" in raw):
         key = "ema_state_dict" if use_ema else "model_state_dict"
         if key not in raw:
             raise CheckpointError(f"{path}: has no {key}")
         raw = raw[key]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: does not hold a state dict")
     config, state = convert_heads_state(raw, str(path))
+    check_tensors_fit_storage(path, state)
+    # shapes first, on the meta device: the real heads are built only for tensors that fit them
+    check_heads_tensors(path, config, {k: tuple(v.shape) for k, v in state.items()})
     heads = DAHeads(config)
     if "base_embed.weight" in state:
         heads.add_base_layers()

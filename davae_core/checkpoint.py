@@ -8,7 +8,8 @@ Header metadata (all strings, as safetensors requires):
 * ``davae_info``: JSON for people (base VAE, C, D, f, normalisation, training notes).
 
 Loading refuses, with the file name and the fix, anything that is not ours, is truncated, or
-whose tensors do not fit the config.  Pickles load only through ``torch.load(weights_only=True)``.
+whose tensors do not fit the config; the checks run on the header alone, before anything is
+allocated (:mod:`file_validation`).  Pickles load only through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -26,37 +27,52 @@ from .atomic_files import atomic_write
 from torch import nn
 
 from .davae_model import DAVAE, DAVAEConfig
-from .heads import DAHeads, HeadsConfig
+from .file_validation import (
+    MAX_CONFIG_BYTES,
+    MAX_INFO_BYTES,
+    CheckpointError,
+    SafetensorsHeader,
+    check_davae_file,
+    check_heads_file,
+    check_tensors_fit_storage,
+    compare_shapes,
+    load_weights_only_pickle,
+    parse_metadata_json,
+    read_safetensors_header,
+)
+from .heads import DAHeads, HeadsConfig  # noqa: F401  (HeadsConfig: re-exported as before)
 
 FORMAT_VERSION = "1"
 KIND_DAVAE = "davae"
 KIND_HEADS = "da_heads"
 _KIND_NAMES = {KIND_DAVAE: "a DA-VAE tokenizer", KIND_HEADS: "DA heads for an MMDiT"}
 
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as asked; the message names the file and the fix."""
+__all__ = [
+    "CheckpointError", "FORMAT_VERSION", "KIND_DAVAE", "KIND_HEADS", "read_header", "read_metadata", "load_tensors",
+    "check_state_dict", "load_pickled_state_dict", "save_davae", "load_davae", "save_heads", "load_heads",
+]
 
 
 # ------------------------------------------------------------------ reading
-def read_header(path: str | os.PathLike) -> dict[str, str]:
-    """The safetensors metadata of ``path``; clear errors for missing, foreign or truncated files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+def _read_safetensors(path: str | os.PathLike) -> SafetensorsHeader:
+    """The bounded header (see :mod:`file_validation`), with the fix for files of other formats."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        hint = "re-export or download it again" if path.suffix == ".safetensors" else (
+        return read_safetensors_header(path)
+    except CheckpointError as e:
+        if not Path(path).is_file():
+            raise
+        hint = "re-export or download it again" if Path(path).suffix == ".safetensors" else (
             "pickled checkpoints (.pt/.ckpt/.bin) go through load_pickled_state_dict or the authors' importer"
         )
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated or of another format: {hint}") from e
+        raise CheckpointError(f"{e}; so it is not a readable safetensors file: it may be truncated or of another format: {hint}") from e
 
 
-def read_metadata(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
-    """Parsed metadata of one of our files: ``{"kind", "version", "config", "info"}``."""
-    header = read_header(path)
+def read_header(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of ``path``; clear errors for missing, foreign, truncated or crafted files."""
+    return _read_safetensors(path).metadata
+
+
+def _parse_metadata(path: Any, header: dict[str, str], kind: str | None) -> dict[str, Any]:
     if "davae_format" not in header:
         raise CheckpointError(
             f"{path}: not a DA-VAE file (its header has no 'davae_format' entry). "
@@ -64,25 +80,39 @@ def read_metadata(path: str | os.PathLike, kind: str | None = None) -> dict[str,
         )
     if header["davae_format"] != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format version {header['davae_format']} is not supported (this code reads "
+            f"{path}: format version {header['davae_format'][:20]} is not supported (this code reads "
             f"{FORMAT_VERSION}); update the node pack"
         )
     found = header.get("davae_kind", "?")
     if kind is not None and found != kind:
         raise CheckpointError(
-            f"{path}: holds {_KIND_NAMES.get(found, repr(found))}, not {_KIND_NAMES.get(kind, kind)}; "
+            f"{path}: holds {_KIND_NAMES.get(found, repr(found[:40]))}, not {_KIND_NAMES.get(kind, kind)}; "
             "pick the other file"
         )
-    try:
-        config = json.loads(header.get("davae_config", "{}"))
-        info = json.loads(header.get("davae_info", "{}"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: damaged metadata ({e}); re-export the file") from e
+    config = parse_metadata_json(path, header, "davae_config", MAX_CONFIG_BYTES)
+    info = parse_metadata_json(path, header, "davae_info", MAX_INFO_BYTES)
     return {"kind": found, "version": header["davae_format"], "config": config, "info": info}
 
 
+def read_metadata(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """Parsed metadata of one of our files: ``{"kind", "version", "config", "info"}``.
+
+    With ``kind`` given, the config is also checked the way the loaders check it (bounded
+    fields, shapes of a meta-device build equal to the tensors in the header), so a model
+    built from it allocates what the file holds.  Without ``kind`` only the format and the
+    metadata JSON are checked: enough to tell what a file is.
+    """
+    header = _read_safetensors(path)
+    meta = _parse_metadata(path, header.metadata, kind)
+    if kind == KIND_DAVAE:
+        check_davae_file(path, header, meta["config"])
+    elif kind == KIND_HEADS:
+        check_heads_file(path, header, meta["config"])
+    return meta
+
+
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    read_header(path)  # the clear error for foreign/truncated files
+    _read_safetensors(path)  # bounded header, no duplicate keys, every tensor backed by file bytes
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -92,43 +122,22 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 def check_state_dict(path: Any, module: nn.Module, state: dict[str, torch.Tensor], optional_prefixes: tuple[str, ...] = ()) -> None:
     """Refuse missing, unexpected or mis-shaped tensors, listing a few of each."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state and not k.startswith(optional_prefixes)]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if wrong:
-        problems.append(f"{len(wrong)} tensors with wrong shapes ({'; '.join(wrong[:3])})")
-    if missing:
-        problems.append(f"{len(missing)} missing tensors ({', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors ({', '.join(unexpected[:3])})")
-    if problems:
-        raise CheckpointError(
-            f"{path}: tensors do not match the architecture in its own metadata: {'; '.join(problems)}. "
-            "The file was edited or written by other code; export it again"
-        )
+    expected = {
+        k: tuple(v.shape) for k, v in module.state_dict().items() if k in state or not k.startswith(optional_prefixes)
+    }
+    compare_shapes(path, expected, {k: tuple(v.shape) for k, v in state.items()})
 
 
 def load_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A ``.pt``/``.ckpt``/``.bin`` state dict, loaded safely (tensors only, no code)."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types here
-        raise CheckpointError(
-            f"{path}: could not load as a weights-only pickle ({type(e).__name__}: {e}). "
-            "Only plain tensors are accepted; convert the file to safetensors"
-        ) from e
+    """A ``.pt``/``.ckpt``/``.bin`` state dict, loaded safely (tensors only, no code, no zip bombs)."""
+    obj = load_weights_only_pickle(path)
     for key in ("state_dict", "model", "module", "ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: does not hold a state dict of tensors")
+    check_tensors_fit_storage(path, obj)
     return obj
 
 
@@ -177,18 +186,16 @@ def save_davae(
 def load_davae(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
 ) -> DAVAE:
-    """A DA-VAE from our file; built without a base encoder when the file holds none."""
-    meta = read_metadata(path, KIND_DAVAE)
-    try:
-        config = DAVAEConfig.from_dict(meta["config"])
-        state = load_tensors(path)
-        has_base = any(k.startswith("base_encoder.") for k in state)
-        model = DAVAE(config, with_base_encoder=has_base)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its architecture config cannot be built ({e})") from e
-    check_state_dict(path, model, state)
+    """A DA-VAE from our file; built without a base encoder when the file holds none.
+
+    The file is checked against its own config before anything is allocated for it.
+    """
+    header = _read_safetensors(path)
+    meta = _parse_metadata(path, header.metadata, KIND_DAVAE)
+    checked = check_davae_file(path, header, meta["config"])
+    state = load_tensors(path)
+    model = DAVAE(DAVAEConfig.from_dict(checked.config), with_base_encoder=checked.with_base_encoder)
+    check_state_dict(path, model, state)  # the tensors read are the ones checked
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -199,15 +206,16 @@ def save_heads(heads: DAHeads, path: str | os.PathLike, info: dict | None = None
 
 
 def load_heads(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DAHeads:
-    """DA heads from our file; ``base_embed``/``base_out`` are filled when the file holds them."""
-    meta = read_metadata(path, KIND_HEADS)
-    try:
-        config = HeadsConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its heads config cannot be read ({e})") from e
+    """DA heads from our file; ``base_embed``/``base_out`` are filled when the file holds them.
+
+    The file is checked against its own config before anything is allocated for it.
+    """
+    header = _read_safetensors(path)
+    meta = _parse_metadata(path, header.metadata, KIND_HEADS)
+    checked = check_heads_file(path, header, meta["config"])
     state = load_tensors(path)
-    heads = DAHeads(config)
-    if any(k.startswith("base_embed.") for k in state):
+    heads = DAHeads(checked.config)
+    if checked.with_base_layers:
         heads.add_base_layers()
     check_state_dict(path, heads, state)
     heads.load_state_dict(state)
