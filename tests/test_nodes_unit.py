@@ -13,7 +13,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
@@ -96,15 +96,15 @@ def test_every_required_workflow_ships():
 
 
 def test_workflow_files_are_what_the_builder_writes(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("build_workflows_under_test", WORKFLOWS / "build_workflows.py")
+    spec = importlib.util.spec_from_file_location("build_workflows_under_test", REPO / "tools" / "build_workflows.py")
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
-    monkeypatch.setattr(builder, "HERE", tmp_path)
+    monkeypatch.setattr(builder, "OUT", tmp_path)
     builder.main()
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
     assert written == sorted(p.relative_to(WORKFLOWS) for p in WORKFLOWS.rglob("*.json"))
     for rel in written:
-        assert json.loads((tmp_path / rel).read_text()) == json.loads((WORKFLOWS / rel).read_text()), f"{rel} is stale: run python workflows/build_workflows.py"
+        assert json.loads((tmp_path / rel).read_text()) == json.loads((WORKFLOWS / rel).read_text()), f"{rel} is stale: run python tools/build_workflows.py"
 
 
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
