@@ -22,6 +22,7 @@ GROUP_TITLE_H = 34      # a group's title strip (font 24 plus padding)
 WINDOW = (1600, 1000)
 # Frontend chrome over the canvas: left sidebar, top menu and tabs, bottom canvas controls.
 CLEAR = (48, 40, WINDOW[0], WINDOW[1] - 40)
+MINIMAP = (1340, 740, WINDOW[0], WINDOW[1])  # 0.8.0's frontend shows a minimap bottom right
 
 
 def node_box(node: dict) -> tuple[float, float, float, float]:
@@ -81,6 +82,8 @@ def layout_problems(wf: dict) -> list[str]:
         screen = ((box[0] + ox) * scale, (box[1] + oy) * scale, (box[2] + ox) * scale, (box[3] + oy) * scale)
         if not _inside(screen, CLEAR):
             problems.append(f"{name} is off screen in the saved view: {tuple(round(v) for v in screen)}")
+        elif _intersect(screen, MINIMAP):
+            problems.append(f"{name} is under the minimap in the saved view: {tuple(round(v) for v in screen)}")
     if scale < 0.5:
         problems.append(f"saved view scale {scale} is too small to read")
     return problems
@@ -127,6 +130,9 @@ def test_layout_check_catches_overlap_and_a_view_that_cuts_the_graph():
     zoomed = copy.deepcopy(wf)
     zoomed["extra"]["ds"]["scale"] *= 1.5
     assert any("off screen" in p for p in layout_problems(zoomed))
+    wide = json.loads((WORKFLOWS / "davae_vs_stock_1024.json").read_text())
+    wide["extra"]["ds"] = {"scale": 0.8, "offset": [87.5, 75.0]}  # its columns' bottom-right under the minimap
+    assert any("minimap" in p for p in layout_problems(wide))
     backwards = copy.deepcopy(wf)
     save = next(n for n in backwards["nodes"] if n["type"] == "SaveImage")
     save["pos"] = [-600, 0]

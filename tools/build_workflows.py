@@ -18,6 +18,7 @@ least what ComfyUI 0.8.0's frontend computes for each node (``tools/screenshot_w
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
@@ -76,16 +77,16 @@ NODE_SIZE = {
     "CheckpointLoaderSimple": (360, 100), "TripleCLIPLoader": (360, 110), "CLIPTextEncode": (400, 180),
     "LoraLoaderModelOnly": (360, 82), "ModelSamplingSD3": (360, 58), "DASD3ModelPatch": (360, 58),
     "DAEmptyStructuredLatent": (360, 110), "EmptySD3LatentImage": (360, 110), "KSampler": (360, 262),
-    "DAVAELoader": (360, 82), "VAEDecode": (360, 46), "DAStructuredLatentEncode": (360, 82),
-    "DAStructuredLatentDecode": (360, 82), "DALatentFromBase": (360, 26), "DABaseLatent": (360, 26),
+    "DAVAELoader": (360, 82), "VAEDecode": (360, 46), "DAStructuredLatentEncode": (360, 102),
+    "DAStructuredLatentDecode": (360, 102), "DALatentFromBase": (360, 26), "DABaseLatent": (360, 26),
     "LoadImage": (360, 340), "ImageScale": (360, 130), "SaveImage": (360, 300), "PreviewImage": (360, 260),
 }
-NOTE_SIZE = (440, 420)
+NOTE_SIZE = (440, 330)
 
 # Geometry of the frontend (LiteGraph): the title bar is drawn above ``pos``; a group's title
 # strip sits inside its bounding box at the top.
 TITLE_H = 30
-GROUP_TITLE_H = 40
+GROUP_TITLE_H = 56  # room for the frontend's node-source badge above the first node
 GROUP_PAD = 20
 NODE_GAP = 30            # between one node's bottom and the next one's title bar
 COLUMN_GAP = 60          # between neighbouring groups
@@ -93,6 +94,7 @@ WINDOW = (1600, 1000)    # the view the saved ``extra.ds`` must frame
 # Parts of the window the frontend covers with its own bars (left sidebar, top menu and tabs,
 # bottom-right canvas controls): the saved view keeps the graph clear of them.
 VIEW_MARGIN = {"left": 70, "top": 60, "right": 30, "bottom": 60}
+MINIMAP = (1330, 730, 1600, 1000)  # the minimap 0.8.0's frontend shows bottom right, with a margin
 
 
 class Graph:
@@ -157,17 +159,26 @@ class Graph:
         return placed, groups, [0, 0, right, bottom]
 
     @staticmethod
-    def view(bounds: list[int]) -> dict:
-        """``extra.ds`` that shows ``bounds`` whole inside the free part of a 1600x1000 window."""
+    def view(bounds: list[int], boxes: list[tuple[float, float, float, float]]) -> dict:
+        """``extra.ds`` that shows ``bounds`` whole in the free part of a 1600x1000 window, clear of the minimap.
+
+        The frontend draws graph point p at (p + offset) * scale.  The graph's top-left corner goes
+        to the free area's top-left; the scale is the largest that fits and keeps every box
+        (nodes with their title bars, groups) off the minimap.
+        """
         left, top = VIEW_MARGIN["left"], VIEW_MARGIN["top"]
         free_w = WINDOW[0] - left - VIEW_MARGIN["right"]
         free_h = WINDOW[1] - top - VIEW_MARGIN["bottom"]
         x0, y0, x1, y1 = bounds
-        scale = round(min(free_w / (x1 - x0), free_h / (y1 - y0), 1.0) - 0.005, 2)
-        # the frontend draws graph point p at (p + offset) * scale; centre the graph in the free area
-        off_x = (left + (free_w - (x1 - x0) * scale) / 2) / scale - x0
-        off_y = (top + (free_h - (y1 - y0) * scale) / 2) / scale - y0
-        return {"scale": scale, "offset": [round(off_x, 1), round(off_y, 1)]}
+        scale = math.floor(min(free_w / (x1 - x0), free_h / (y1 - y0), 1.0) * 100) / 100
+        mx0, my0, mx1, my1 = MINIMAP
+        while scale > 0.3:
+            screen = [(left + (bx0 - x0) * scale, top + (by0 - y0) * scale, left + (bx1 - x0) * scale, top + (by1 - y0) * scale)
+                      for bx0, by0, bx1, by1 in boxes]
+            if not any(a < mx1 and mx0 < c and b < my1 and my0 < d for a, b, c, d in screen):
+                break
+            scale = round(scale - 0.01, 2)
+        return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
 
     # ---------------------------------------------------------------- UI format
     def ui(self) -> dict:
@@ -213,6 +224,9 @@ class Graph:
                 node["title"] = n["title"]
             ui_nodes.append(node)
         note_id = max(n["id"] for n in self.nodes) + 1
+        boxes = [(p[0], p[1] - TITLE_H, p[0] + w, p[1] + h) for p, (w, h) in placed.values()]
+        boxes += [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in groups)]
+        view = self.view(bounds, boxes)
         pos, size = placed[0]
         ui_nodes.append({
             "id": note_id, "type": "Note", "title": "Read me: files and folders", "pos": pos, "size": size,
@@ -221,7 +235,7 @@ class Graph:
         })
         return {
             "last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": groups, "config": {}, "extra": {"ds": self.view(bounds), "davae_title": self.title},
+            "groups": groups, "config": {}, "extra": {"ds": view, "davae_title": self.title},
             "version": 0.4,
         }
 

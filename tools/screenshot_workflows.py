@@ -69,6 +69,10 @@ def _start_comfyui(comfyui: Path, work: Path) -> tuple[subprocess.Popen, str]:
         f"  base_path: {models}\n  checkpoints: checkpoints\n  text_encoders: text_encoders\n"
         f"  loras: loras\n  davae: davae\n  custom_nodes: {custom}\n"
     )
+    # a returning user: no first-run templates dialog over the graph
+    settings = work / "user" / "default"
+    settings.mkdir(parents=True)
+    (settings / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     port = _free_port()
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
            "--extra-model-paths-config", str(work / "extra_model_paths.yaml")]
