@@ -27,6 +27,28 @@ def test_repository_imports_outside_comfyui(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
+def test_pack_in_a_comfyui_without_the_v3_api_logs_the_version_it_needs(tmp_path):
+    # a stand-in for an old ComfyUI: comfy, folder_paths and comfy_api, but no comfy_api.latest
+    for pkg in ("comfy", "comfy_api"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "folder_paths.py").write_text("")
+    code = (
+        "import importlib.util, logging, sys\n"
+        f"sys.path.insert(0, r'{tmp_path}')\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        f"spec = importlib.util.spec_from_file_location('davae_pack', r'{ROOT / '__init__.py'}', "
+        f"submodule_search_locations=[r'{ROOT}'])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['davae_pack'] = mod\n"
+        "spec.loader.exec_module(mod)\n"
+        "print('has_entrypoint', hasattr(mod, 'comfy_entrypoint'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "has_entrypoint False"
+    assert "need ComfyUI 0.3.64 or newer" in out.stderr and "comfy_api.latest" in out.stderr
+
+
 def test_davae_core_never_imports_comfyui():
     for path in (ROOT / "davae_core").glob("*.py"):
         tree = ast.parse(path.read_text())

@@ -11,7 +11,7 @@ Layout: nodes go in columns that read left to right (files, model, prompts, samp
 each column stacks its nodes top-down with a gap that leaves room for the next node's title
 bar, each column is framed by a group, the Note stands in its own column on the left, and the
 saved view (``extra.ds``) frames the whole graph in a 1600x1000 window.  Node sizes are at
-least what ComfyUI 0.8.0's frontend computes for each node (``tools/screenshot_workflows.py
+least what the frontends of ComfyUI 0.8.0 and 0.3.64 compute for each node (``tools/screenshot_workflows.py
 --sizes`` prints both).
 """
 
@@ -70,12 +70,12 @@ NODE_TYPES: dict[str, tuple[list[tuple[str, str]], list[str], list[str]]] = {
 }
 OPTIONAL_LINKS = {("DAVAELoader", "vae")}
 
-# Node body sizes (width, height without the title bar): at least what ComfyUI 0.8.0's
-# frontend computes for the node, so it does not grow them over their neighbours on load.
+# Node body sizes (width, height without the title bar): at least what the frontends of
+# ComfyUI 0.8.0 and 0.3.64 compute for the node, so they do not grow it over its neighbours.
 # Image nodes get room for the picture they show.
 NODE_SIZE = {
-    "CheckpointLoaderSimple": (360, 100), "TripleCLIPLoader": (360, 110), "CLIPTextEncode": (400, 180),
-    "LoraLoaderModelOnly": (360, 82), "ModelSamplingSD3": (360, 58), "DASD3ModelPatch": (360, 58),
+    "CheckpointLoaderSimple": (360, 128), "TripleCLIPLoader": (360, 110), "CLIPTextEncode": (400, 180),
+    "LoraLoaderModelOnly": (360, 112), "ModelSamplingSD3": (360, 58), "DASD3ModelPatch": (360, 58),
     "DAEmptyStructuredLatent": (360, 110), "EmptySD3LatentImage": (360, 110), "KSampler": (360, 262),
     "DAVAELoader": (360, 82), "VAEDecode": (360, 46), "DAStructuredLatentEncode": (360, 102),
     "DAStructuredLatentDecode": (360, 102), "DALatentFromBase": (360, 26), "DABaseLatent": (360, 26),
