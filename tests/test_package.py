@@ -74,3 +74,18 @@ def test_install_exposes_only_namespaced_packages():
 def test_torch_stays_out_of_requirements_txt():
     lines = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
     assert not any(l.lower().startswith(("torch", "torchvision")) for l in lines if l)
+
+
+def test_registry_metadata_points_at_files_in_the_repository():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    urls, comfy = project["project"]["urls"], project["tool"]["comfy"]
+    assert set(urls) >= {"Repository", "Documentation", "Issues"}
+    assert all(u.startswith(urls["Repository"]) for u in urls.values())
+    assert comfy["requires-comfyui"] == ">=0.3.64"
+    raw = urls["Repository"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert comfy["Icon"].startswith(raw)
+    icon = ROOT / comfy["Icon"][len(raw):]
+    assert icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{icon} is not a PNG"
+    ignored = {l.strip() for l in (ROOT / ".comfyignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    assert {"tests/", "bench/", ".ci/", "*.safetensors"} <= ignored
+    assert not ignored & {"nodes/", "davae_core/", "example_workflows/", "__init__.py", "pyproject.toml"}
