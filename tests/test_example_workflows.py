@@ -20,8 +20,8 @@ NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 TITLE_H = 30            # LiteGraph.NODE_TITLE_HEIGHT in the ComfyUI frontend
 GROUP_TITLE_H = 34      # a group's title strip (font 24 plus padding)
 WINDOW = (1600, 1000)
-# Frontend chrome over the canvas: left sidebar, top menu and tabs, bottom canvas controls.
-CLEAR = (48, 40, WINDOW[0], WINDOW[1] - 40)
+# Frontend chrome over the canvas (0.8.0): left sidebar, tabs + workflow name + Run bar on top, bottom canvas controls.
+CLEAR = (48, 95, WINDOW[0], WINDOW[1] - 40)
 MINIMAP = (1340, 740, WINDOW[0], WINDOW[1])  # 0.8.0's frontend shows a minimap bottom right
 
 

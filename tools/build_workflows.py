@@ -91,9 +91,9 @@ GROUP_PAD = 20
 NODE_GAP = 30            # between one node's bottom and the next one's title bar
 COLUMN_GAP = 60          # between neighbouring groups
 WINDOW = (1600, 1000)    # the view the saved ``extra.ds`` must frame
-# Parts of the window the frontend covers with its own bars (left sidebar, top menu and tabs,
+# Parts of the window the frontend covers with its own bars (left sidebar, top tabs, workflow name and Run bar,
 # bottom-right canvas controls): the saved view keeps the graph clear of them.
-VIEW_MARGIN = {"left": 70, "top": 60, "right": 30, "bottom": 60}
+VIEW_MARGIN = {"left": 70, "top": 100, "right": 30, "bottom": 60}
 MINIMAP = (1330, 730, 1600, 1000)  # the minimap 0.8.0's frontend shows bottom right, with a margin
 
 
