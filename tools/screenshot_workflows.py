@@ -8,7 +8,9 @@ missing-model dialog opens), opens each workflow in headless Chromium with its s
 writes ``OUT_DIR/NAME.png``.  ``--sizes`` also prints the size the frontend gives each node, next
 to the size the workflow saves, which is how the builder's node sizes were chosen.
 
-Needs the ``playwright`` package and a Chromium (``CHROMIUM_PATH`` or ``chromium`` on PATH).
+Needs the ``playwright`` package, a Chromium (``CHROMIUM_PATH`` or ``chromium`` on PATH) and a
+Python in which that ComfyUI starts (its requirements, torchvision included).  The thumbnails
+in ``example_workflows/NAME.jpg`` are these screenshots at 1200x750.
 """
 
 from __future__ import annotations
