@@ -16,7 +16,7 @@ def _with_samples(latent: dict, samples) -> dict:
 
 
 class DALatentFromBase(io.ComfyNode):
-    NODE = "DA Latent From Base"
+    NODE = "SD3 Latent to DA Latent (2x)"
 
     @classmethod
     def define_schema(cls):
@@ -24,6 +24,7 @@ class DALatentFromBase(io.ComfyNode):
             node_id="DALatentFromBase",
             display_name=cls.NODE,
             category="DA-VAE",
+            is_experimental=True,
             description="Turns a 16-channel SD3 latent into a DA latent with zero detail, on the same grid: the latent "
             "of a 512x512 SD3 image becomes that of a 1024x1024 DA image. Sample it with a DA-patched model "
             "(denoise about 0.5-0.7) to refine a 512 result at 1024 for the token cost of 512.",
@@ -37,7 +38,7 @@ class DALatentFromBase(io.ComfyNode):
 
 
 class DABaseLatent(io.ComfyNode):
-    NODE = "DA Base Latent"
+    NODE = "DA Latent to SD3 Latent (half size)"
 
     @classmethod
     def define_schema(cls):
@@ -45,6 +46,7 @@ class DABaseLatent(io.ComfyNode):
             node_id="DABaseLatent",
             display_name=cls.NODE,
             category="DA-VAE",
+            is_experimental=True,
             description="Takes the 16 base channels out of a DA latent: an SD3 latent of the half-resolution image, which "
             "the stock SD3 VAE decodes (a 1024 DA latent previews at 512) and any SD3 node accepts.",
             inputs=[io.Latent.Input("samples", tooltip="DA latent (32 channels).")],

@@ -52,10 +52,11 @@ class DAVAELoader(io.ComfyNode):
             node_id="DAVAELoader",
             display_name=NODE,
             category="DA-VAE",
+            is_experimental=True,
             description=(
                 "Loads a DA-VAE from models/davae/ (our .safetensors format, or the authors' checkpoint through the "
                 "importer). The VAE it outputs works with the stock VAE Encode / Decode nodes and their tiled versions: "
-                "32-channel structured latents at f16 (1024x1024 -> 64x64), base channels = the SD3 VAE latent of the "
+                "32-channel structured latents at 16x downscale (1024x1024 -> 64x64), base channels = the SD3 VAE latent of the "
                 "half-resolution image."
             ),
             inputs=[

@@ -122,22 +122,24 @@ class DASD3ModelPatch(io.ComfyNode):
             node_id="DASD3ModelPatch",
             display_name=NODE,
             category="DA-VAE",
+            is_experimental=True,
             description=(
-                "Makes an SD3 / SD3.5 model sample 32-channel DA latents: adds the detail patch embedder P' and "
-                "output layer O' (from a heads file, or zero-initialised), sets 32 output channels and the DA latent "
+                "Makes an SD3 / SD3.5 model sample 32-channel DA latents: adds the detail heads (a patch "
+                "embedder that reads the detail channels and an output layer that writes them; from a heads file, or "
+                "zero-initialised), sets 32 output channels and the DA latent "
                 "format, and keeps live previews on the base channels. Use it with the DA LoRA (stock LoRA loaders, "
                 "before or after this node) and a DA latent: 1024x1024 from 32x32 tokens."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD3 / SD3.5 model (SD3.5 Medium for the released DA files)."),
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 model: SD3.5 Medium for the DA files this pack's trainers make."),
                 io.Combo.Input(
                     "heads",
                     options=[da_files.ZERO_HEADS] + da_files.list_files(da_files.KIND_HEADS),
-                    tooltip="DA heads file from models/davae/ (P', O', optionally retrained P, O). 'zero-init' gives "
+                    tooltip="DA heads file from models/davae/: the detail heads (and, if the file has them, retrained base heads). 'zero-init' gives "
                     "the stock model on the base channels and zero detail: for checks and training starts.",
                 ),
             ],
-            outputs=[io.Model.Output(tooltip="The patched model; sample it with DA latents (32 channels, f16).")],
+            outputs=[io.Model.Output(tooltip="The patched model; sample it with DA latents (32 channels, 16x downscale).")],
         )
 
     @classmethod

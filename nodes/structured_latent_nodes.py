@@ -50,6 +50,7 @@ class DAEmptyStructuredLatent(io.ComfyNode):
             node_id="DAEmptyStructuredLatent",
             display_name=cls.NODE,
             category="DA-VAE",
+            is_experimental=True,
             description="An empty DA latent (B, 32, H/16, W/16) for a DA-patched SD3 model: 1024x1024 -> 64x64 cells, "
             "32x32 tokens. Sample it only with a model that went through 'DA-SD3 Model Patch'.",
             inputs=[
@@ -57,7 +58,7 @@ class DAEmptyStructuredLatent(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=F, max=comfy_nodes.MAX_RESOLUTION, step=F, tooltip="Image height in pixels, a multiple of 16."),
                 io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="Images per batch."),
             ],
-            outputs=[io.Latent.Output(tooltip="Zero DA latent: 16 base + 16 detail channels at f16.")],
+            outputs=[io.Latent.Output(tooltip="Zero DA latent: 16 base + 16 detail channels at 16x downscale.")],
         )
 
     @classmethod
@@ -75,6 +76,7 @@ class DAStructuredLatentEncode(io.ComfyNode):
             node_id="DAStructuredLatentEncode",
             display_name=cls.NODE,
             category="DA-VAE",
+            is_experimental=True,
             description="Encodes an image with the DA-VAE into a DA latent (image-to-image, refinement). Width and height "
             "must be multiples of 16; set tile_size for large images on small GPUs.",
             inputs=[
@@ -112,6 +114,7 @@ class DAStructuredLatentDecode(io.ComfyNode):
             node_id="DAStructuredLatentDecode",
             display_name=cls.NODE,
             category="DA-VAE",
+            is_experimental=True,
             description="Decodes a DA latent with the DA-VAE into the full-resolution image (64x64 cells -> 1024x1024). "
             "Set tile_size for 2048 and beyond on small GPUs.",
             inputs=[

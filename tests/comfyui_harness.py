@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 PACK_NAME = "comfyui_davae"
 SIZE_DIVISOR = 4
 TEST_STEPS = 2

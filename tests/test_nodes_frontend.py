@@ -42,7 +42,7 @@ async (wf) => {
   await window.app.loadGraphData(structuredClone(wf));
   await new Promise(r => setTimeout(r, 300));
   const saved = window.app.graph.serialize();
-  const widgetProblems = [];
+  const widgetProblems = [], sizeProblems = [];
   for (const node of wf.nodes) {
     const live = window.app.graph.getNodeById(node.id);
     if (!live) { widgetProblems.push(`node ${node.id} (${node.type}) was not created`); continue; }
@@ -50,16 +50,22 @@ async (wf) => {
     const expected = JSON.stringify(node.widgets_values || []);
     const got = JSON.stringify(out.widgets_values || []);
     if (expected !== got) widgetProblems.push(`${node.type} #${node.id}: loaded ${expected}, frontend has ${got}`);
+    // a node the frontend grows past its saved size would cover its neighbours
+    if (live.size[0] > node.size[0] + 1 || live.size[1] > node.size[1] + 1)
+      sizeProblems.push(`${node.type} #${node.id}: saved ${node.size}, frontend needs ${[...live.size]}`);
     for (const slot of node.inputs || []) {
       if (slot.link != null && !(live.inputs || []).some(i => i.name === slot.name && i.link != null))
         widgetProblems.push(`${node.type} #${node.id}: input ${slot.name} lost its link`);
     }
   }
   const dialogs = [...document.querySelectorAll('.p-dialog, .comfy-modal')]
-    .filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 300));
-  return {missing, widgetProblems, dialogs, links: saved.links.length};
+    .filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 3000));
+  return {missing, widgetProblems, sizeProblems, dialogs, links: saved.links.length};
 }
 """
+
+
+MODELS_DIALOG = "d => d.offsetParent !== null && d.innerText.toLowerCase().includes('missing models')"
 
 
 def _free_port() -> int:
@@ -87,6 +93,9 @@ def server(fixtures_dir, tmp_path_factory):
     for kind in ("output", "temp", "input", "user"):
         (work / kind).mkdir()
         cmd += [f"--{kind}-directory", str(work / kind)]
+    # a returning user: no first-run templates dialog over the ones the checks read
+    (work / "user" / "default").mkdir(parents=True)
+    (work / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     if os.environ.get("COMFYUI_FRONTEND_ROOT"):
         cmd += ["--front-end-root", os.environ["COMFYUI_FRONTEND_ROOT"]]
     log = open(work / "server.log", "w")
@@ -135,8 +144,19 @@ def test_ui_workflow_opens_in_the_real_frontend(page, name):
     result = page.evaluate(CHECK_JS, workflow)
     assert result["missing"] == [], f"{name}: the frontend does not know these node types"
     assert result["widgetProblems"] == []
-    assert not [d for d in result["dialogs"] if "missing" in d.lower()], result["dialogs"]
+    assert result["sizeProblems"] == []
     assert result["links"] == len(workflow["links"])
+    assert not [d for d in result["dialogs"] if "missing node" in d.lower()], result["dialogs"]
+    # The test's model folders lack the stock SD3.5 files: the frontend offers their download
+    # from the workflow's properties.models (and lists nothing else: the DA files are there).
+    stock = {m["name"] for node in workflow["nodes"] for m in node.get("properties", {}).get("models", [])}
+    assert stock == {"sd3.5_medium.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"}
+    page.wait_for_function(f"[...document.querySelectorAll('.p-dialog')].some({MODELS_DIALOG})", timeout=10_000)
+    offered = page.evaluate(f"[...document.querySelectorAll('.p-dialog')].filter({MODELS_DIALOG}).map(d => d.innerText)")
+    assert len(offered) == 1, offered
+    assert all(f in offered[0] for f in stock), offered[0]
+    page.keyboard.press("Escape")  # close it before the next workflow
+    page.wait_for_function(f"![...document.querySelectorAll('.p-dialog')].some({MODELS_DIALOG})", timeout=10_000)
 
 
 def test_frontend_check_reports_missing_nodes_and_widget_mismatch(page):
@@ -149,3 +169,11 @@ def test_frontend_check_reports_missing_nodes_and_widget_mismatch(page):
     result = page.evaluate(CHECK_JS, workflow)
     assert result["missing"] == ["DANoSuchNode"]
     assert any(p.startswith(f"KSampler #{sampler['id']}") for p in result["widgetProblems"])
+
+
+def test_frontend_check_reports_a_node_saved_smaller_than_it_draws(page):
+    workflow = json.loads((harness.WORKFLOWS / "davae_t2i_1024.json").read_text())
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    sampler["size"] = [sampler["size"][0], 40]
+    result = page.evaluate(CHECK_JS, workflow)
+    assert any(p.startswith(f"KSampler #{sampler['id']}") for p in result["sizeProblems"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
@@ -96,15 +96,15 @@ def test_every_required_workflow_ships():
 
 
 def test_workflow_files_are_what_the_builder_writes(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("build_workflows_under_test", WORKFLOWS / "build_workflows.py")
+    spec = importlib.util.spec_from_file_location("build_workflows_under_test", REPO / "tools" / "build_workflows.py")
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
-    monkeypatch.setattr(builder, "HERE", tmp_path)
+    monkeypatch.setattr(builder, "OUT", tmp_path)
     builder.main()
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
     assert written == sorted(p.relative_to(WORKFLOWS) for p in WORKFLOWS.rglob("*.json"))
     for rel in written:
-        assert json.loads((tmp_path / rel).read_text()) == json.loads((WORKFLOWS / rel).read_text()), f"{rel} is stale: run python workflows/build_workflows.py"
+        assert json.loads((tmp_path / rel).read_text()) == json.loads((WORKFLOWS / rel).read_text()), f"{rel} is stale: run python tools/build_workflows.py"
 
 
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -159,3 +159,22 @@ def test_workflow_note_names_every_file(name):
     assert files
     for f in files:
         assert f in note, f"{name}: the Note does not say where {f} goes"
+
+
+# ------------------------------------------------------------------ what a ComfyUI user reads
+def test_node_texts_speak_to_users():
+    """Tooltips and descriptions say "16x downscale" and "detail heads", not the paper's f16 / P' / O'."""
+    import ast
+
+    checked = 0
+    for path in sorted((REPO / "nodes").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg in {"tooltip", "description"}:
+                text = "".join(c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                checked += 1
+                for jargon in (r"\bf16\b", r"\bP'", r"\bO'", r"\breleased\b"):
+                    assert not re.search(jargon, text), f"{path.name}: {node.arg} {text!r} says {jargon!r}"
+    assert checked > 20
+    source = (REPO / "nodes" / "base_latent_nodes.py").read_text()
+    assert 'NODE = "SD3 Latent to DA Latent (2x)"' in source and 'NODE = "DA Latent to SD3 Latent (half size)"' in source
+    assert 'node_id="DALatentFromBase"' in source and 'node_id="DABaseLatent"' in source

@@ -27,6 +27,28 @@ def test_repository_imports_outside_comfyui(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
+def test_pack_in_a_comfyui_without_the_v3_api_logs_the_version_it_needs(tmp_path):
+    # a stand-in for an old ComfyUI: comfy, folder_paths and comfy_api, but no comfy_api.latest
+    for pkg in ("comfy", "comfy_api"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "folder_paths.py").write_text("")
+    code = (
+        "import importlib.util, logging, sys\n"
+        f"sys.path.insert(0, r'{tmp_path}')\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        f"spec = importlib.util.spec_from_file_location('davae_pack', r'{ROOT / '__init__.py'}', "
+        f"submodule_search_locations=[r'{ROOT}'])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['davae_pack'] = mod\n"
+        "spec.loader.exec_module(mod)\n"
+        "print('has_entrypoint', hasattr(mod, 'comfy_entrypoint'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "has_entrypoint False"
+    assert "need ComfyUI 0.3.64 or newer" in out.stderr and "comfy_api.latest" in out.stderr
+
+
 def test_davae_core_never_imports_comfyui():
     for path in (ROOT / "davae_core").glob("*.py"):
         tree = ast.parse(path.read_text())
@@ -62,3 +84,18 @@ def test_every_training_subpackage_is_installed():
                for p in (ROOT / "training").rglob("__init__.py")}
     assert "davae_training.stage2" in folders
     assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"
+
+
+def test_registry_metadata_points_at_files_in_the_repository():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    urls, comfy = project["project"]["urls"], project["tool"]["comfy"]
+    assert set(urls) >= {"Repository", "Documentation", "Issues"}
+    assert all(u.startswith(urls["Repository"]) for u in urls.values())
+    assert comfy["requires-comfyui"] == ">=0.3.64"
+    raw = urls["Repository"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert comfy["Icon"].startswith(raw)
+    icon = ROOT / comfy["Icon"][len(raw):]
+    assert icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{icon} is not a PNG"
+    ignored = {l.strip() for l in (ROOT / ".comfyignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    assert {"tests/", "bench/", ".ci/", "*.safetensors"} <= ignored
+    assert not ignored & {"nodes/", "davae_core/", "example_workflows/", "__init__.py", "pyproject.toml"}

@@ -45,7 +45,7 @@ print("DEMO_COMFYUI_RESULT " + json.dumps({"images": saved}))
 
 
 def run_shipped_workflow(comfyui: Path, out: Path, timeout: int = 900) -> dict[str, Any]:
-    """Run ``workflows/api/davae_t2i_1024.json`` in ComfyUI at ``comfyui``; images land in ``out``."""
+    """Run ``example_workflows/api/davae_t2i_1024.json`` in ComfyUI at ``comfyui``; images land in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
