@@ -23,12 +23,16 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import CheckpointError, check_state_dict, load_pickled_state_dict, load_tensors, save_davae, save_heads
-from .davae_model import DAVAE, SD3_VAE_CONFIG, DAVAEConfig
+from .davae_config import SD3_VAE_CONFIG, DAVAEConfig
 from .heads import DAHeads, HeadsConfig
+
+if TYPE_CHECKING:  # diffusers-built; the converters above it stay diffusers-free for the node pack
+    from .davae_model import DAVAE
 
 _TOKENIZER_MARKERS = ("dc_down.conv.weight", "dc_up.conv.weight")
 _HEAD_SUFFIXES = {
@@ -86,11 +90,18 @@ def convert_tokenizer_state(
     return config, ours
 
 
+def read_tokenizer(path: str | os.PathLike, vae_config: dict | None = None) -> tuple[DAVAEConfig, dict[str, torch.Tensor]]:
+    """An authors' tokenizer file as (our config, our state dict), without building a model."""
+    return convert_tokenizer_state(_read_any(path), str(path), vae_config)
+
+
 def import_tokenizer(
     path: str | os.PathLike, vae_config: dict | None = None, stats: dict | None = None,
-) -> DAVAE:
+) -> "DAVAE":
     """Load an authors' tokenizer file as a :class:`DAVAE` (base encoder included when present)."""
-    config, state = convert_tokenizer_state(_read_any(path), str(path), vae_config)
+    from .davae_model import DAVAE
+
+    config, state = read_tokenizer(path, vae_config)
     has_base = any(k.startswith("base_encoder.") for k in state)
     model = DAVAE(config, with_base_encoder=has_base)
     state.update({f"normalizer.{k}": v for k, v in model.normalizer.state_dict().items()})
@@ -121,8 +132,20 @@ def convert_heads_state(state: dict[str, torch.Tensor], source: str = "state dic
     return HeadsConfig(hidden_size=hidden, patch_size=p, base_channels=base, detail_channels=detail), ours
 
 
+def _load_heads_pickle(path: str | os.PathLike) -> dict:
+    """Their ``step_N.pt`` holds nested dicts of tensors; weights-only loading refuses anything else."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types here (UnpicklingError, RuntimeError, ...)
+        raise CheckpointError(
+            f"{path}: refused by weights-only loading: the file holds Python objects, not only tensors "
+            f"({type(e).__name__}). Get the heads as .safetensors (python -m davae_core.authors_import on a trusted "
+            "machine, or our export) and put that file in models/davae/"
+        ) from None
+
+
 def import_heads(path: str | os.PathLike, use_ema: bool = False) -> DAHeads:
-    raw = torch.load(str(path), map_location="cpu", weights_only=True) if Path(path).suffix != ".safetensors" else load_tensors(path)
+    raw = load_tensors(path) if Path(path).suffix == ".safetensors" else _load_heads_pickle(path)
     if isinstance(raw, dict) and ("model_state_dict" in raw or "ema_state_dict" in raw):
         key = "ema_state_dict" if use_ema else "model_state_dict"
         if key not in raw:

@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .davae_model import DAVAE, DAVAEConfig
+from .davae_config import DAVAEConfig
 from .heads import DAHeads, HeadsConfig
+
+if TYPE_CHECKING:  # the diffusers-built model; imported where it is built, so readers stay diffusers-free
+    from .davae_model import DAVAE
 
 FORMAT_VERSION = "1"
 KIND_DAVAE = "davae"
@@ -148,7 +151,7 @@ def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
 
 
 def save_davae(
-    model: DAVAE, path: str | os.PathLike, include_base_encoder: bool = True, info: dict | None = None,
+    model: "DAVAE", path: str | os.PathLike, include_base_encoder: bool = True, info: dict | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
     state = model.state_dict()
@@ -175,8 +178,10 @@ def save_davae(
 
 def load_davae(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-) -> DAVAE:
+) -> "DAVAE":
     """A DA-VAE from our file; built without a base encoder when the file holds none."""
+    from .davae_model import DAVAE
+
     meta = read_metadata(path, KIND_DAVAE)
     try:
         config = DAVAEConfig.from_dict(meta["config"])
