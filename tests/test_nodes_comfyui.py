@@ -306,6 +306,18 @@ def test_latent_nodes_refuse_wrong_inputs_with_the_fix(comfy):
     assert da["samples"].shape == (1, 32, 8, 8) and torch.equal(base["samples"], torch.ones(1, 16, 8, 8))
 
 
+def test_encode_and_decode_refuse_grey_images_and_nan_latents(comfy):
+    mapping = comfy["nodes"].NODE_CLASS_MAPPINGS
+    (vae,) = _call(mapping["DAVAELoader"], davae_name="davae_tiny.safetensors", dtype="default")
+    for channels in (1, 2):
+        with pytest.raises(ValueError, match=rf"Structured Latent Encode: input 'pixels' must be an RGB image.*{channels} channel"):
+            _call(mapping["DAStructuredLatentEncode"], pixels=torch.rand(1, 64, 64, channels), vae=vae, tile_size=0, overlap=0)
+    latent = torch.zeros(1, 32, 4, 4)
+    latent[0, 3, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"Structured Latent Decode: input 'samples' must be a finite DA latent.*1 NaN/Inf"):
+        _call(mapping["DAStructuredLatentDecode"], samples={"samples": latent}, vae=vae, tile_size=0, overlap=0)
+
+
 def _call(node_cls, **inputs):
     """Run a V3 node's execute directly (what ComfyUI does after validation)."""
     with torch.inference_mode():
