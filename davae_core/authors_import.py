@@ -23,11 +23,12 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import CheckpointError, check_state_dict, load_pickled_state_dict, load_tensors, save_davae, save_heads
-from .davae_model import DAVAE, SD3_VAE_CONFIG, DAVAEConfig
+from .davae_config import SD3_VAE_CONFIG, DAVAEConfig
 from .file_validation import (
     bounded_davae_config,
     bounded_heads_config,
@@ -38,6 +39,9 @@ from .file_validation import (
 )
 from .davae_param_shapes import davae_state_shapes
 from .heads import DAHeads, HeadsConfig
+
+if TYPE_CHECKING:  # diffusers-built; the converters above it stay diffusers-free for the node pack
+    from .davae_model import DAVAE
 
 _TOKENIZER_MARKERS = ("dc_down.conv.weight", "dc_up.conv.weight")
 _HEAD_SUFFIXES = {
@@ -100,11 +104,18 @@ def convert_tokenizer_state(
     return config, ours
 
 
+def read_tokenizer(path: str | os.PathLike, vae_config: dict | None = None) -> tuple[DAVAEConfig, dict[str, torch.Tensor]]:
+    """An authors' tokenizer file as (our config, our state dict), without building a model."""
+    return convert_tokenizer_state(_read_any(path), str(path), vae_config)
+
+
 def import_tokenizer(
     path: str | os.PathLike, vae_config: dict | None = None, stats: dict | None = None,
-) -> DAVAE:
+) -> "DAVAE":
     """Load an authors' tokenizer file as a :class:`DAVAE` (base encoder included when present)."""
-    config, state = convert_tokenizer_state(_read_any(path), str(path), vae_config)
+    from .davae_model import DAVAE
+
+    config, state = read_tokenizer(path, vae_config)
     has_base = any(k.startswith("base_encoder.") for k in state)
     # shapes first, on the meta device: the real model is built only for tensors that fit it
     expected = davae_state_shapes(config.to_dict(), has_base)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from .atomic_files import atomic_write
 from torch import nn
 
-from .davae_model import DAVAE, DAVAEConfig
+from .davae_config import DAVAEConfig
 from .file_validation import (
     MAX_CONFIG_BYTES,
     MAX_INFO_BYTES,
@@ -41,6 +41,9 @@ from .file_validation import (
     read_safetensors_header,
 )
 from .heads import DAHeads, HeadsConfig  # noqa: F401  (HeadsConfig: re-exported as before)
+
+if TYPE_CHECKING:  # the diffusers-built model; imported where it is built, so readers stay diffusers-free
+    from .davae_model import DAVAE
 
 FORMAT_VERSION = "1"
 KIND_DAVAE = "davae"
@@ -158,7 +161,7 @@ def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str,
 
 
 def save_davae(
-    model: DAVAE, path: str | os.PathLike, include_base_encoder: bool = True, info: dict | None = None,
+    model: "DAVAE", path: str | os.PathLike, include_base_encoder: bool = True, info: dict | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
     state = model.state_dict()
@@ -185,11 +188,13 @@ def save_davae(
 
 def load_davae(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-) -> DAVAE:
+) -> "DAVAE":
     """A DA-VAE from our file; built without a base encoder when the file holds none.
 
     The file is checked against its own config before anything is allocated for it.
     """
+    from .davae_model import DAVAE
+
     header = _read_safetensors(path)
     meta = _parse_metadata(path, header.metadata, KIND_DAVAE)
     checked = check_davae_file(path, header, meta["config"])

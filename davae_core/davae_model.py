@@ -11,134 +11,20 @@ one or a tiny one for tests) gives a matching DA-VAE.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from einops import reduce, repeat
 from torch import nn
 
-from .structured_latent import SD3_SCALE, SD3_SHIFT, LatentLayout, LatentNormalizer, merge, split, vae_shift_scale
+from .da_blocks import DetailDownsample, JointUpsample, half_resolution
+from .davae_config import SD3_VAE_CONFIG, DAVAEConfig, tiny_vae_config
+from .structured_latent import LatentNormalizer, merge, split
 from .tiling import tiled_decode, tiled_encode
 
-# The diffusers config of the SD3 / SD3.5 VAE ("vae/config.json" of the official repos).
-SD3_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": SD3_SCALE,
-    "shift_factor": SD3_SHIFT,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
-}
-
-# Only these keys shape the modules; the rest of a diffusers config.json is ignored.
-_ARCH_KEYS = tuple(SD3_VAE_CONFIG) + ("force_upcast", "latents_mean", "latents_std")
-
-
-def tiny_vae_config(attention: bool = False) -> dict[str, Any]:
-    """Four blocks like SD3 (so f8 -> f16 stays true) but narrow: for tests and the CPU demo."""
-    return {
-        **SD3_VAE_CONFIG,
-        "block_out_channels": [8, 16, 32, 32],
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-        "sample_size": 64,
-        "mid_block_add_attention": attention,
-    }
-
-
-@dataclass
-class DAVAEConfig:
-    base_vae: dict[str, Any] = field(default_factory=lambda: dict(SD3_VAE_CONFIG))
-    detail_channels: int = 16
-    base_name: str = "sd3"  # which pretrained VAE the base channels come from
-    # Channel order the joint decoder's first conv was trained on.  Ours is base first; the
-    # authors' SD3 checkpoints put detail first, and their up-block shortcut ties feature
-    # channels to latent channels, so imported weights keep their order here.
-    decoder_input_order: str = "base_detail"
-
-    def __post_init__(self) -> None:
-        if self.decoder_input_order not in ("base_detail", "detail_base"):
-            raise ValueError(f"decoder_input_order must be 'base_detail' or 'detail_base', got {self.decoder_input_order!r}")
-        self.base_vae = {k: v for k, v in dict(self.base_vae).items() if k in _ARCH_KEYS}
-        for k in ("block_out_channels", "down_block_types", "up_block_types"):
-            self.base_vae[k] = list(self.base_vae[k])
-
-    @property
-    def layout(self) -> LatentLayout:
-        n_down = len(self.base_vae["block_out_channels"]) - 1
-        return LatentLayout(self.base_vae["latent_channels"], self.detail_channels, factor=2 ** (n_down + 1))
-
-    @property
-    def base_shift(self) -> float:
-        return vae_shift_scale(self.base_vae)[0]
-
-    @property
-    def base_scale(self) -> float:
-        return vae_shift_scale(self.base_vae)[1]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DAVAEConfig":
-        known = {k: d[k] for k in ("base_vae", "detail_channels", "base_name", "decoder_input_order") if k in d}
-        return cls(**known)
-
-
-class DetailDownsample(nn.Module):
-    """Trunk features (Cf, H/8) -> detail moments (2D, H/16).
-
-    A 3x3 conv to 2D/4 channels then pixel-unshuffle, plus a parameter-free shortcut: the
-    pixel-unshuffled features averaged over contiguous channel groups down to 2D.
-    """
-
-    def __init__(self, feature_channels: int, moment_channels: int):
-        super().__init__()
-        if moment_channels % 4 or (4 * feature_channels) % moment_channels:
-            raise ValueError(
-                f"cannot map {feature_channels} trunk channels to {moment_channels} moments: "
-                "need 4*features divisible by moments and moments divisible by 4"
-            )
-        self.moment_channels = moment_channels
-        self.conv = nn.Conv2d(feature_channels, moment_channels // 4, 3, padding=1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        shortcut = reduce(F.pixel_unshuffle(h, 2), "b (c g) x y -> b c x y", "mean", c=self.moment_channels)
-        return F.pixel_unshuffle(self.conv(h), 2) + shortcut
-
-
-class JointUpsample(nn.Module):
-    """Structured latent (C+D, H/16) -> decoder-trunk features (Cf, H/8).
-
-    A 3x3 conv to 4*Cf then pixel-shuffle, plus the mirror shortcut: each latent channel
-    repeated 4*Cf/(C+D) times, then pixel-shuffled.
-    """
-
-    def __init__(self, latent_channels: int, feature_channels: int):
-        super().__init__()
-        if (4 * feature_channels) % latent_channels:
-            raise ValueError(f"4*{feature_channels} trunk channels are not a multiple of {latent_channels} latent channels")
-        self.repeats = 4 * feature_channels // latent_channels
-        self.conv = nn.Conv2d(latent_channels, 4 * feature_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        shortcut = repeat(z, "b c x y -> b (c r) x y", r=self.repeats)
-        return F.pixel_shuffle(self.conv(z) + shortcut, 2)
-
+__all__ = ["DAVAE", "DAVAEConfig", "DetailDownsample", "JointUpsample", "SD3_VAE_CONFIG", "tiny_vae_config"]
 
 def _build_vae(cfg: dict[str, Any]) -> AutoencoderKL:
     return AutoencoderKL(**cfg)
@@ -220,8 +106,7 @@ class DAVAE(nn.Module):
     @staticmethod
     def downsample(image_pm: torch.Tensor) -> torch.Tensor:
         """The half-resolution input of the base encoder: plain bicubic, as the authors trained."""
-        low = F.interpolate(image_pm, scale_factor=0.5, mode="bicubic", align_corners=False)
-        return low.clamp(-1.0, 1.0)
+        return half_resolution(image_pm)
 
     def encode_base_raw(self, image_pm: torch.Tensor) -> torch.Tensor:
         """Posterior mean of the frozen base VAE on the 2x-downsampled image (raw space)."""

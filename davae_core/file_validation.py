@@ -403,6 +403,7 @@ def load_weights_only_pickle(path: str | os.PathLike) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types here
         raise CheckpointError(
-            f"{path}: could not load as a weights-only pickle ({type(e).__name__}: {e}). "
-            "Only plain tensors are accepted; convert the file to safetensors"
-        ) from e
+            f"{path}: refused by weights-only loading: the file holds Python objects, not only tensors "
+            f"({type(e).__name__}). Get the weights as .safetensors (python -m davae_core.authors_import on a "
+            "trusted machine, or our export) and use that file"
+        ) from None

@@ -14,6 +14,8 @@ run on these.  Every file is what the real thing would be, only narrow:
 ``davae/davae_tiny.safetensors``   our DA-VAE, initialised from ``sd3_vae``
 ``davae/da_heads_tiny.safetensors``  our DA heads for ``sd3_transformer`` (small random)
 ``loras/lora_tiny.safetensors``    a PEFT LoRA with ``transformer.`` keys (stock loaders)
+``parity/``                          the DA-VAE in the authors' layout, and inputs with this
+                                   code's outputs, for the ComfyUI-built DA-VAE to match
 ``manifest.json``                  what was written, with shapes
 =================================  =====================================================
 """
@@ -94,6 +96,55 @@ def lora_state_dict(transformer: SD3Transformer2DModel, rank: int = 4, seed: int
     return {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
+PARITY_TILES = {"encode_tile": 64, "encode_overlap": 32, "decode_tile": 4, "decode_overlap": 2}
+
+
+def _authors_layout(davae: DAVAE) -> dict[str, torch.Tensor]:
+    """Our tiny DA-VAE's tensors under the authors' SD3 "diff" keys (see authors_import)."""
+    renames = {"detail_trunk.": "vae.encoder.", "decoder_trunk.": "vae.decoder.", "detail_down.conv.": "dc_down.conv.",
+               "decoder_up.conv.": "dc_up.conv.", "base_encoder.": "original_vae_model.vae.encoder."}
+    out = {}
+    for key, value in davae.state_dict().items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        if prefix is not None:
+            out[renames[prefix] + key[len(prefix):]] = value.contiguous()
+    return out
+
+
+@torch.no_grad()
+def write_parity_references(davae: DAVAE, out_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Inputs and this code's encode/decode outputs (plain and tiled, ours and the authors' layout),
+    in ComfyUI's conventions: images (B, H, W, 3) in [0, 1], latents as :mod:`.comfy_latent`."""
+    from .authors_import import import_tokenizer
+    from .comfy_latent import from_comfy_latent, to_comfy_latent
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    authors_file = out_dir / "authors_davae_tiny.safetensors"
+    save_file(_authors_layout(davae), str(authors_file))
+    authors = import_tokenizer(authors_file, vae_config=davae.config.base_vae)
+    gen = torch.Generator().manual_seed(seed + 7)
+    image = torch.rand(1, 3, 96, 128, generator=gen)
+    latent = torch.randn(1, 32, 6, 8, generator=gen)
+    t = PARITY_TILES
+
+    def comfy_image(x01):
+        return x01.movedim(1, -1).contiguous()
+
+    ref = {"image": comfy_image(image), "latent": latent}
+    for name, model in (("ours", davae.eval()), ("authors", authors)):
+        norm = model.normalizer
+        ref[f"{name}_encode"] = to_comfy_latent(model.encode_raw(image), norm)
+        ref[f"{name}_decode"] = comfy_image((model.decode_raw(from_comfy_latent(latent, norm)) + 1) / 2)
+        tiled = model.encode_tiled(image, tile=t["encode_tile"], overlap=t["encode_overlap"])
+        ref[f"{name}_encode_tiled"] = to_comfy_latent(norm.denormalize(tiled), norm)
+        normalised = norm.normalize(from_comfy_latent(latent, norm))
+        ref[f"{name}_decode_tiled"] = comfy_image(model.decode_tiled(normalised, tile=t["decode_tile"], overlap=t["decode_overlap"]))
+    info = {"authors_file": authors_file.name, "authors_vae_config": davae.config.base_vae, **t}
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(out_dir / "reference.safetensors"))
+    (out_dir / "reference.json").write_text(json.dumps(info, indent=2))
+    return {"reference": "reference.safetensors", **info}
+
+
 def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +167,8 @@ def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     davae = DAVAE.from_base_vae(vae)
     save_davae(davae, out / "davae" / "davae_tiny.safetensors", info={"fixture": True, "seed": seed})
     manifest["files"]["davae/davae_tiny.safetensors"] = {"channels": davae.layout.channels, "factor": davae.layout.factor}
+
+    manifest["files"]["parity"] = write_parity_references(davae, out / "parity", seed)
 
     heads = random_heads(transformer, seed)
     save_heads(heads, out / "davae" / "da_heads_tiny.safetensors", info={"fixture": True, "seed": seed})

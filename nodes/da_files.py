@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 from ..davae_core import authors_import
-from ..davae_core.checkpoint import KIND_DAVAE, KIND_HEADS, CheckpointError, load_davae, load_heads, read_metadata
+from ..davae_core.checkpoint import KIND_DAVAE, KIND_HEADS, CheckpointError, load_heads, load_tensors, read_metadata
+from ..davae_core.davae_config import DAVAEConfig
 
 FOLDER = "davae"
 EXTENSIONS = {".safetensors", ".pt", ".pth", ".ckpt", ".bin"}
@@ -50,14 +51,19 @@ def list_files(kind: str) -> list[str]:
     return names
 
 
-def load_tokenizer(path: str):
-    """A :class:`DAVAE` from our format, or from the authors' through the importer."""
+def tokenizer_state(path: str) -> tuple[DAVAEConfig, dict]:
+    """(config, state dict in our keys) of a DA-VAE file: our format, or the authors' through the importer."""
     kind = file_kind(path)
     if kind == KIND_DAVAE:
-        return load_davae(path)
+        meta = read_metadata(path, KIND_DAVAE)
+        try:
+            config = DAVAEConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its architecture config cannot be read ({e}); export the file again") from e
+        return config, load_tensors(path)
     if kind is not None:
         raise CheckpointError(f"{path}: holds DA heads, not a DA-VAE; pick it in 'DA-SD3 Model Patch' instead")
-    return authors_import.import_tokenizer(path)
+    return authors_import.read_tokenizer(path)
 
 
 def load_heads_file(path: str):
@@ -70,4 +76,4 @@ def load_heads_file(path: str):
     return authors_import.import_heads(path)
 
 
-__all__ = ["FOLDER", "ZERO_HEADS", "register_folder", "list_files", "load_tokenizer", "load_heads_file", "KIND_DAVAE", "KIND_HEADS"]
+__all__ = ["FOLDER", "ZERO_HEADS", "register_folder", "list_files", "tokenizer_state", "load_heads_file", "KIND_DAVAE", "KIND_HEADS"]

@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from . import da_files
+from .comfy_davae import build_comfy_davae
 from .errors import node_error
 from .vae_adapter import DAComfyVAE, is_da_vae
 
@@ -30,8 +31,8 @@ def check_base_vae(vae) -> None:
 
 
 def load_da_vae(path: str, base_vae=None, dtype: torch.dtype | None = None) -> DAComfyVAE:
-    davae = da_files.load_tokenizer(path)
-    if davae.base_encoder is None:
+    davae = build_comfy_davae(*da_files.tokenizer_state(path), source=path)
+    if not davae.has_base_encoder:
         if base_vae is None or getattr(base_vae, "first_stage_model", 1) is None:
             raise node_error(
                 NODE, "vae", "the stock SD3 VAE, because this DA-VAE file holds no base encoder",

@@ -1,17 +1,15 @@
 """Pure tensor work behind the latent nodes (no ComfyUI import, unit-tested on its own).
 
-Convention of the node pack (see docs/NODES.md): a DA latent in a ComfyUI ``LATENT`` is
-``[base 16 | detail 16]`` on the f16 grid of the full image.  Base channels are raw SD3-VAE
-latents (as every ComfyUI VAE hands out); detail channels are already normalised by the
-DA-VAE file's per-channel affine.  The 32-channel latent format therefore applies SD3's
-``(z - shift) * scale`` to the base channels and the identity to the detail channels.
+The latent convention of the node pack (raw SD3 base, normalised detail) lives in
+:mod:`davae_core.comfy_latent`; see also docs/NODES.md.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..davae_core.structured_latent import SD3_SCALE, SD3_SHIFT, LatentLayout, merge, split
+from ..davae_core.comfy_latent import comfy_latent_to_model, model_to_comfy_latent
+from ..davae_core.structured_latent import LatentLayout, merge, split
 from .errors import node_error
 
 LAYOUT = LatentLayout()  # SD3: 16 base + 16 detail channels, f16
@@ -70,10 +68,8 @@ def base_latent(node: str, samples: torch.Tensor) -> torch.Tensor:
 
 def da_process_in(latent: torch.Tensor) -> torch.Tensor:
     """ComfyUI LATENT -> what the diffusion model sees (SD3 normalisation on base only)."""
-    z, z_d = split(latent, LAYOUT.base_channels)
-    return merge((z - SD3_SHIFT) * SD3_SCALE, z_d)
+    return comfy_latent_to_model(latent, LAYOUT.base_channels)
 
 
 def da_process_out(latent: torch.Tensor) -> torch.Tensor:
-    z, z_d = split(latent, LAYOUT.base_channels)
-    return merge(z / SD3_SCALE + SD3_SHIFT, z_d)
+    return model_to_comfy_latent(latent, LAYOUT.base_channels)

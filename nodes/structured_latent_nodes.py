@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import comfy.model_management as mm
+import torch
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
@@ -97,6 +98,11 @@ class DAStructuredLatentEncode(io.ComfyNode):
                 cls.NODE, "pixels", f"an image whose sides are multiples of {F}", f"{width}x{height}",
                 f"Scale or crop it first (e.g. 'Upscale Image' to {width // F * F or F}x{height // F * F or F}).",
             )
+        if pixels.shape[-1] < 3:
+            raise node_error(
+                cls.NODE, "pixels", "an RGB image (3 channels; RGBA drops alpha)", f"an image with {pixels.shape[-1]} channel(s)",
+                "Convert it to RGB first (e.g. load it with 'Load Image', which gives RGB, or repeat the grey channel).",
+            )
         pixels = pixels[..., :3]
         if tile_size:
             samples = vae.encode_tiled(pixels, tile_x=tile_size, tile_y=tile_size, overlap=overlap)
@@ -131,6 +137,12 @@ class DAStructuredLatentDecode(io.ComfyNode):
         check_da_latent(cls.NODE, "samples", latent)
         check_da_vae(cls.NODE, vae)
         _check_tiles(cls.NODE, tile_size, overlap)
+        if not bool(torch.isfinite(latent).all()):
+            raise node_error(
+                cls.NODE, "samples", "a finite DA latent", f"{int((~torch.isfinite(latent)).sum())} NaN/Inf values",
+                "The sampler that made it diverged (often fp16 overflow): sample in bf16/fp32, lower cfg, or check the "
+                "model patch's heads file; decoding it would give a black image.",
+            )
         if tile_size:
             images = vae.decode_tiled(latent, tile_x=tile_size // F, tile_y=tile_size // F, overlap=overlap // F)
         else:

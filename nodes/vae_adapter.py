@@ -1,8 +1,9 @@
 """A DA-VAE dressed as a ``comfy.sd.VAE`` so the stock VAE Encode/Decode (and tiled) nodes take it.
 
-``first_stage_model`` follows ComfyUI's contract: ``encode(x in [-1, 1]) -> raw latent`` and
-``decode(raw latent) -> [-1, 1]``.  Raw here means the pack's convention (see
-:mod:`.latent_ops`): raw SD3 base channels, detail channels normalised by the file's affine.
+``first_stage_model`` follows ComfyUI's contract: ``encode(x in [-1, 1]) -> LATENT`` and
+``decode(LATENT) -> [-1, 1]``, in the pack's latent convention (:mod:`davae_core.comfy_latent`).
+The model is :class:`.comfy_davae.ComfyDAVAE` (ComfyUI's own trunks); tiled encode/decode use
+:mod:`davae_core.tiling`, the same tiling as ``DAVAE.encode_tiled`` / ``decode_tiled``.
 """
 
 from __future__ import annotations
@@ -13,44 +14,67 @@ from contextlib import contextmanager
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
+import comfy.utils
 import torch
 from torch import nn
 
-from ..davae_core.davae_model import DAVAE
-from ..davae_core.structured_latent import merge, split
+from ..davae_core.da_blocks import half_resolution
+from ..davae_core.tiling import tile_starts, tiled_decode, tiled_encode
+from .comfy_davae import ComfyDAVAE
+
+# ComfyUI's measured cost of an AutoencoderKL trunk, bytes per pixel per byte of dtype, divided by
+# the trunk's width at full resolution (SD3: 128): about 14 (encode) and 17 (decode) live
+# activations of that width per pixel.  Our estimates scale them by the real widths.
+_ENCODE_LIVE = 1767.0 / 128
+_DECODE_LIVE = 2178.0 / 128
 
 
 class DAFirstStage(nn.Module):
-    """Encode/decode in ComfyUI's raw latent space around a :class:`DAVAE`.
+    """Encode/decode in ComfyUI's raw latent space around a :class:`ComfyDAVAE`.
 
     ``base_vae`` (a stock ComfyUI SD3 VAE) encodes the base channels when the DA-VAE file
     holds no base encoder.  It is kept as a plain attribute: its own patcher moves it.
     """
 
-    def __init__(self, davae: DAVAE, base_vae=None):
+    def __init__(self, davae: ComfyDAVAE, base_vae=None):
         super().__init__()
         self.davae = davae
         self.base_vae = base_vae
 
-    @property
-    def base_channels(self) -> int:
-        return self.davae.layout.base_channels
-
     def _stock_base_latent(self, image_pm: torch.Tensor) -> torch.Tensor:
-        low = DAVAE.downsample(image_pm.float())  # the same bicubic 2x the DA-VAE was trained with
+        low = half_resolution(image_pm.float())  # the same bicubic 2x the DA-VAE was trained with
         pixels = ((low + 1.0) / 2.0).movedim(1, -1)  # stock VAE.encode takes (B, H, W, 3) in [0, 1]
         return self.base_vae.encode(pixels).to(image_pm)
 
     def encode(self, image_pm: torch.Tensor) -> torch.Tensor:
         image_pm = image_pm.contiguous()  # ComfyUI hands a channels-last view; CPU convs are far slower on it
-        base = None if self.davae.base_encoder is not None else self._stock_base_latent(image_pm)
-        raw = self.davae.encode_raw((image_pm + 1.0) / 2.0, base_latent=base)
-        z, z_d = split(raw, self.base_channels)
-        return merge(z, self.davae.normalizer.normalize_detail(z_d))
+        base = None if self.davae.has_base_encoder else self._stock_base_latent(image_pm)
+        return self.davae.encode(image_pm, base_latent=base)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        z, z_d = split(latent, self.base_channels)
-        return self.davae.decode_raw(merge(z, self.davae.normalizer.denormalize_detail(z_d)))
+        return self.davae.decode(latent)
+
+
+def memory_estimates(davae: ComfyDAVAE):
+    """ComfyUI's ``memory_used_encode`` / ``memory_used_decode`` for this DA-VAE's structure.
+
+    Encode: the detail trunk runs at full resolution (its first level is the widest per pixel);
+    the base encoder runs after it at half resolution, so it adds only its latent.  Decode: the
+    decoder trunk's last level runs at full resolution, ``factor`` x ``factor`` pixels per cell.
+    Per image, as ComfyUI divides free memory by them to pick the batch it runs at once.
+    """
+    widths = davae.config.base_vae["block_out_channels"]
+    per_pixel = max(w / 4**i for i, w in enumerate(widths))  # widest activation per full-res pixel
+    factor = davae.layout.factor
+
+    def encode(shape, dtype) -> float:  # shape (B, 3, H, W)
+        return _ENCODE_LIVE * per_pixel * shape[2] * shape[3] * mm.dtype_size(dtype)
+
+    def decode(shape, dtype) -> float:  # shape (B, C, h, w)
+        pixels = shape[2] * shape[3] * factor * factor
+        return _DECODE_LIVE * per_pixel * pixels * mm.dtype_size(dtype)
+
+    return encode, decode
 
 
 @contextmanager
@@ -101,12 +125,41 @@ class WrappedVAE(comfy.sd.VAE):
 
 
 class DAComfyVAE(WrappedVAE):
-    """The VAE output of ``DAVAELoader``: 32 channels at f16."""
+    """The VAE output of ``DAVAELoader``: 32 channels at f16, tiled through :mod:`davae_core.tiling`."""
 
-    def __init__(self, davae: DAVAE, base_vae=None, dtype: torch.dtype | None = None):
-        # Encode runs the detail trunk at full and the base encoder at half resolution.
-        super().__init__(DAFirstStage(davae, base_vae), davae.layout.channels, davae.layout.factor, dtype, encode_cost=1767.0 * 1.25)
+    def __init__(self, davae: ComfyDAVAE, base_vae=None, dtype: torch.dtype | None = None):
+        super().__init__(DAFirstStage(davae, base_vae), davae.layout.channels, davae.layout.factor, dtype)
+        self.memory_used_encode, self.memory_used_decode = memory_estimates(davae)
         self.davae = davae
+
+    def _progress(self, length_y: int, length_x: int, tile: int, overlap: int, align: int = 1):
+        steps = len(tile_starts(length_y, tile, overlap, align)) * len(tile_starts(length_x, tile, overlap, align))
+        return comfy.utils.ProgressBar(steps)
+
+    def decode_tiled_(self, samples, tile_x=64, tile_y=64, overlap=16):
+        """ComfyUI's 2-D tiled decode (latent cells), done by the pack's one tiling implementation."""
+        tile = min(tile_x, tile_y)
+        bar = self._progress(samples.shape[2], samples.shape[3], tile, overlap)
+
+        def decode(piece):
+            out = self.first_stage_model.decode(piece.to(self.vae_dtype).to(self.device)).float()
+            bar.update(1)
+            return out.to(self.output_device)
+
+        return self.process_output(tiled_decode(decode, samples, self.upscale_ratio, tile, overlap))
+
+    def encode_tiled_(self, pixel_samples, tile_x=512, tile_y=512, overlap=64):
+        """ComfyUI's 2-D tiled encode (pixels), done by the pack's one tiling implementation."""
+        f = self.downscale_ratio
+        tile = max(f, min(tile_x, tile_y) // f * f)
+        bar = self._progress(pixel_samples.shape[2], pixel_samples.shape[3], tile, overlap // f * f, f)
+
+        def encode(piece):
+            out = self.first_stage_model.encode(self.process_input(piece).to(self.vae_dtype).to(self.device)).float()
+            bar.update(1)
+            return out.to(self.output_device)
+
+        return tiled_encode(encode, pixel_samples, f, tile, overlap)
 
 
 def is_da_vae(vae) -> bool:

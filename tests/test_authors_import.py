@@ -148,3 +148,17 @@ def test_cli_converts_heads(tmp_path, capsys):
     from davae_core import load_heads
 
     assert torch.equal(load_heads(tmp_path / "heads.safetensors").detail_out.bias, heads.detail_out.bias)
+
+
+class _NotATensor:
+    """Any Python object in a pickle: weights-only loading must refuse it."""
+
+
+def test_heads_pickle_with_objects_is_refused_without_suggesting_unsafe_loading(tmp_path):
+    path = tmp_path / "step_1.pt"
+    torch.save({"model_state_dict": {"x": _NotATensor()}}, path)
+    with pytest.raises(CheckpointError) as e:
+        import_heads(path)
+    msg = str(e.value)
+    assert str(path) in msg and "refused by weights-only loading" in msg and ".safetensors" in msg
+    assert "weights_only=False" not in msg and "weights_only" not in msg.replace("weights-only", "")

@@ -1,6 +1,6 @@
 """Parity: a tiny stage-2 model, exported, predicts the same in ComfyUI's MMDiT as in diffusers.
 
-    COMFYUI_PATH=/work/comfyui/v080 /work/comfyui/venv/bin/python -m pytest tests/test_comfy_parity.py
+    COMFYUI_PATH=/path/to/ComfyUI-0.8.0 python -m pytest tests/test_comfy_parity.py
 
 The tiny SD3.5-like transformer of the fixtures is trained for a few steps (LoRA, P, P', O, O'
 all move), exported with :mod:`davae_training.export_comfy`, then loaded into ComfyUI the way
@@ -25,12 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _comfy_root() -> Path:
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout (0.8.0 or 0.3.64) to run the parity test")
-    if not (Path(path) / "comfy").is_dir():
-        pytest.skip(f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/ folder)")
-    return Path(path)
+    sys.path.insert(0, str(REPO / "tests"))
+    import comfyui_harness  # skips, or fails under DAVAE_REQUIRE_COMFYUI=1 (CI)
+
+    return comfyui_harness.comfyui_path()
 
 
 def _import_davae_training():

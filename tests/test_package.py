@@ -99,3 +99,40 @@ def test_registry_metadata_points_at_files_in_the_repository():
     ignored = {l.strip() for l in (ROOT / ".comfyignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
     assert {"tests/", "bench/", ".ci/", "*.safetensors"} <= ignored
     assert not ignored & {"nodes/", "davae_core/", "example_workflows/", "__init__.py", "pyproject.toml"}
+
+
+def test_requirements_txt_lists_no_library_a_host_depends_on():
+    """ComfyUI-Manager installs requirements.txt into ComfyUI's environment: nothing there may move its core."""
+    lines = [l.split("#")[0].strip().lower() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    forbidden = ("torch", "diffusers", "transformers", "huggingface-hub", "huggingface_hub", "peft", "accelerate", "tokenizers")
+    listed = [l for l in lines if l]
+    assert not [l for l in listed if l.startswith(forbidden)], listed
+
+
+def test_node_pack_imports_only_diffusers_free_core_modules():
+    """Every davae_core module that nodes/ imports, and what those import, stays off diffusers/peft/accelerate."""
+    heavy = {"diffusers", "peft", "accelerate", "transformers"}
+    seen, todo = set(), []
+    for path in (ROOT / "nodes").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module and node.module.startswith("davae_core"):
+                todo.append(node.module.split(".", 1)[1] if "." in node.module else "__init__")
+    assert todo, "nodes/ imports no davae_core module: the scan is broken"
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((ROOT / "davae_core" / f"{name}.py").read_text())
+        for node in tree.body:  # module level only: lazy imports inside functions are the point
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(node.module)
+                tops = []
+            else:
+                tops = []
+            assert not heavy & set(tops), f"davae_core/{name}.py (reached from nodes/) imports {tops}"
+    assert {"checkpoint", "comfy_latent", "da_blocks", "heads"} <= seen

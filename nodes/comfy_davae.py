@@ -1,0 +1,203 @@
+"""The DA-VAE built from ComfyUI's own autoencoder trunks, for use inside ComfyUI.
+
+Encoder and decoder trunks are ``comfy.ldm.modules.diffusionmodules.model`` ``Encoder`` /
+``Decoder`` (ComfyUI's attention backends, ``comfy.ops`` layers); the DA blocks come from
+:mod:`davae_core.da_blocks` with ``comfy.ops`` convs.  Our files store diffusers-layout trunk
+keys; they are mapped to ComfyUI's layout at load time with ComfyUI's own VAE key converter.
+Nothing here imports diffusers, peft or accelerate.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+import comfy.diffusers_convert
+import comfy.ldm.modules.diffusionmodules.model as ldm_vae
+import comfy.ops
+import torch
+from torch import nn
+
+from ..davae_core.checkpoint import CheckpointError, check_state_dict
+from ..davae_core.comfy_latent import from_comfy_latent, to_comfy_latent
+from ..davae_core.da_blocks import DetailDownsample, JointUpsample, half_resolution
+from ..davae_core.davae_config import DAVAEConfig
+from ..davae_core.structured_latent import LatentNormalizer, merge, split
+
+OPS = comfy.ops.disable_weight_init  # what comfy.sd.VAE builds its models from; ComfyUI casts the whole model
+_LDM_GROUPS = 32  # ComfyUI's trunks hard-code 32 GroupNorm groups (the SD3 VAE's value)
+_TRUNKS = {"base_encoder.": "encoder.", "detail_trunk.": "encoder.", "decoder_trunk.": "decoder."}
+_build_lock = threading.Lock()
+
+
+@contextmanager
+def _norm_groups(groups: int):
+    """Build trunks with ``groups`` GroupNorm groups (narrow test/demo VAEs use fewer than 32).
+
+    ComfyUI's ``Normalize`` reads the module's ``ops`` at call time, so a subclass of the same
+    ops whose GroupNorm takes our group count is swapped in while the trunk is built.
+    """
+    if groups == _LDM_GROUPS:
+        yield
+        return
+    base = ldm_vae.ops
+
+    class GroupNorm(base.GroupNorm):
+        def __init__(self, num_groups, num_channels, *args, **kwargs):
+            super().__init__(groups, num_channels, *args, **kwargs)
+
+    with _build_lock:
+        ldm_vae.ops = type("DAGroupNormOps", (base,), {"GroupNorm": GroupNorm})
+        try:
+            yield
+        finally:
+            ldm_vae.ops = base
+
+
+def _trunk_kwargs(vae: dict[str, Any], source: str) -> dict[str, Any]:
+    """ComfyUI's trunk arguments for a diffusers AutoencoderKL config (the base VAE of our files)."""
+    widths = list(vae["block_out_channels"])
+    ch = widths[0]
+    plain = all(t == "DownEncoderBlock2D" for t in vae["down_block_types"]) and all(
+        t == "UpDecoderBlock2D" for t in vae["up_block_types"]
+    )
+    if not plain or vae.get("act_fn", "silu") != "silu" or any(w % ch for w in widths):
+        raise CheckpointError(
+            f"{source}: its base VAE ({vae['down_block_types']}, widths {widths}, act {vae.get('act_fn')}) is not a "
+            "plain AutoencoderKL that ComfyUI's VAE trunks can build; only SD3-style VAEs are supported"
+        )
+    return {
+        "ch": ch, "out_ch": vae["out_channels"], "ch_mult": [w // ch for w in widths],
+        "num_res_blocks": vae["layers_per_block"], "attn_resolutions": [], "dropout": 0.0,
+        "in_channels": vae["in_channels"], "resolution": 256, "z_channels": vae["latent_channels"], "double_z": True,
+    }
+
+
+def build_trunk(kind: str, vae: dict[str, Any], source: str = "DA-VAE") -> nn.Module:
+    """ComfyUI ``Encoder`` or ``Decoder`` shaped like the diffusers trunk of ``vae``."""
+    cls = {"encoder": ldm_vae.Encoder, "decoder": ldm_vae.Decoder}[kind]
+    with _norm_groups(int(vae.get("norm_num_groups", _LDM_GROUPS))):
+        trunk = cls(**_trunk_kwargs(vae, source))
+    if not vae.get("mid_block_add_attention", True):
+        trunk.mid.attn_1 = nn.Identity()
+    return trunk
+
+
+def comfy_trunk_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our file's keys (diffusers-layout trunks) -> the ComfyUI-built model's keys."""
+    out: dict[str, torch.Tensor] = {}
+    per_trunk: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in _TRUNKS}
+    for key, value in state.items():
+        prefix = next((p for p in _TRUNKS if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+        else:
+            per_trunk[prefix][_TRUNKS[prefix] + key[len(prefix):]] = value
+    for prefix, tensors in per_trunk.items():
+        if tensors:
+            role = _TRUNKS[prefix]
+            converted = comfy.diffusers_convert.convert_vae_state_dict(tensors)
+            out.update({prefix + k[len(role):]: v for k, v in converted.items()})
+    return out
+
+
+class ComfyDAVAE(nn.Module):
+    """The DA-VAE with ComfyUI's trunks, speaking ComfyUI's raw-latent contract.
+
+    ``encode(pixels in [-1, 1]) -> LATENT`` and ``decode(LATENT) -> pixels in [-1, 1]``, where a
+    LATENT follows :mod:`davae_core.comfy_latent` (raw base, normalised detail).  Module and
+    parameter names outside the trunks are those of :class:`davae_core.davae_model.DAVAE`.
+    """
+
+    def __init__(self, config: DAVAEConfig, with_base_encoder: bool = True, source: str = "DA-VAE"):
+        super().__init__()
+        self.config = config
+        self.layout = config.layout
+        vae = config.base_vae
+        features = vae["block_out_channels"][-1]
+        self.base_encoder: nn.Module | None = None
+        self.base_quant_conv: nn.Module | None = None
+        if with_base_encoder:
+            self.base_encoder = build_trunk("encoder", vae, source)
+            if vae.get("use_quant_conv", True):
+                moments = 2 * vae["latent_channels"]
+                self.base_quant_conv = OPS.Conv2d(moments, moments, 1)
+        self.detail_trunk = build_trunk("encoder", vae, source)
+        self.detail_trunk.conv_out = nn.Identity()  # the trunk ends at the last activation
+        self.detail_down = DetailDownsample(features, 2 * config.detail_channels, conv_cls=OPS.Conv2d)
+        self.decoder_up = JointUpsample(self.layout.channels, features, conv_cls=OPS.Conv2d)
+        self.decoder_trunk = build_trunk("decoder", vae, source)
+        self.decoder_trunk.conv_in = nn.Identity()  # JointUpsample feeds the mid block directly
+        self.normalizer = LatentNormalizer(self.layout, config.base_shift, config.base_scale)
+
+    @property
+    def has_base_encoder(self) -> bool:
+        return self.base_encoder is not None
+
+    def encode_base(self, image_pm: torch.Tensor) -> torch.Tensor:
+        """Raw base latent: the frozen SD3 encoder's posterior mean of the half-resolution image."""
+        moments = self.base_encoder(half_resolution(image_pm))
+        if self.base_quant_conv is not None:
+            moments = self.base_quant_conv(moments)
+        return moments[:, : self.layout.base_channels]
+
+    def encode(self, image_pm: torch.Tensor, base_latent: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.encode_base(image_pm) if base_latent is None else base_latent
+        z_d = self.detail_down(self.detail_trunk(image_pm))[:, : self.layout.detail_channels]  # posterior mean
+        return to_comfy_latent(merge(z.to(z_d), z_d), self.normalizer)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        z, z_d = split(from_comfy_latent(latent, self.normalizer), self.layout.base_channels)
+        z = self.normalizer.normalize_base(z)  # the decoder reads the normalised base and the raw detail
+        x = merge(z_d, z) if self.config.decoder_input_order == "detail_base" else merge(z, z_d)
+        return self.decoder_trunk(self.decoder_up(x)).clamp(-1.0, 1.0)
+
+
+def build_comfy_davae(config: DAVAEConfig, state: dict[str, torch.Tensor], source: str = "DA-VAE") -> ComfyDAVAE:
+    """A :class:`ComfyDAVAE` holding ``state`` (our file's keys); refuses tensors that do not fit."""
+    has_base = any(k.startswith("base_encoder.") for k in state)
+    try:
+        model = ComfyDAVAE(config, with_base_encoder=has_base, source=source)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: its architecture config cannot be built ({e})") from e
+    mapped = comfy_trunk_keys(state)
+    for key, value in model.normalizer.state_dict().items():  # files without statistics: identity affine
+        mapped.setdefault(f"normalizer.{key}", value)
+    check_state_dict(source, model, mapped)
+    model.load_state_dict(mapped)
+    return model.eval().requires_grad_(False)
+
+
+class ComfyAutoencoderKL(nn.Module):
+    """A plain KL autoencoder from ComfyUI's trunks and a diffusers-layout state dict.
+
+    ComfyUI's own loader infers the SD3 VAE only at SD3 width; this builds any width (the
+    tiny fixtures' stand-in for the checkpoint's SD3 VAE), behind the same encode/decode contract.
+    """
+
+    def __init__(self, vae: dict[str, Any], state: dict[str, torch.Tensor]):
+        super().__init__()
+        self.encoder = build_trunk("encoder", vae)
+        self.decoder = build_trunk("decoder", vae)
+        moments = 2 * vae["latent_channels"]
+        self.quant_conv = OPS.Conv2d(moments, moments, 1) if vae.get("use_quant_conv", True) else None
+        self.post_quant_conv = (
+            OPS.Conv2d(vae["latent_channels"], vae["latent_channels"], 1) if vae.get("use_post_quant_conv", True) else None
+        )
+        self.latent_channels = vae["latent_channels"]
+        self.load_state_dict(comfy.diffusers_convert.convert_vae_state_dict(state))
+        self.eval().requires_grad_(False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return moments[:, : self.latent_channels]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
