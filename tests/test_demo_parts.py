@@ -98,7 +98,7 @@ def test_detail_energy_ratio_is_one_for_real_images_below_for_blur_above_for_noi
 
 
 def test_ablation_table_reports_mean_and_spread_over_seeds():
-    from davae_training.demo import ablation_table
+    from davae_training.demo.pipeline import ablation_table
 
     def report(variant, acc):
         return {"variant": variant, "attribute_accuracy": {"da": acc, "baseline": 0.7},

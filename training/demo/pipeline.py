@@ -156,7 +156,7 @@ def run_stage2(cfg: DemoConfig, root: Path, data: Path, pretrained: Path, davae_
 
 
 def packaged_config(name: str) -> Path:
-    return Path(__file__).resolve().parent / "configs" / name
+    return Path(__file__).resolve().parents[1] / "configs" / name
 
 
 # ------------------------------------------------------------------ evaluation
