@@ -352,6 +352,18 @@ def test_encode_and_decode_refuse_grey_images_and_nan_latents(comfy):
         _call(mapping["DAStructuredLatentDecode"], samples={"samples": latent}, vae=vae, tile_size=0, overlap=0)
 
 
+def test_empty_structured_latent_refuses_a_size_beyond_free_memory(comfy):
+    import comfy.model_management as mm
+
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["DAEmptyStructuredLatent"]
+    side, batch = 16384, 4096  # 4096 x 32 x 1024 x 1024 fp32 = 512 GiB per latent, more than any test machine frees
+    assert 4 * batch * 32 * (side // 16) ** 2 * 4 > mm.get_free_memory(mm.intermediate_device())
+    with pytest.raises(ValueError, match=r"Empty Structured Latent: input 'width/height/batch_size'.*GiB free.*512\.0 GiB per latent.*Lower batch_size"):
+        _call(node, width=side, height=side, batch_size=batch)
+    (ok,) = _call(node, width=64, height=32, batch_size=2)
+    assert ok["samples"].shape == (2, 32, 2, 4)
+
+
 def _call(node_cls, **inputs):
     """Run a V3 node's execute directly (what ComfyUI does after validation)."""
     with torch.inference_mode():
