@@ -48,7 +48,9 @@ def dit_rows(d: dict[str, Any]) -> list[str]:
     rows += [f"| {t['target']} | {t['measured']} | | {_mark(t)} |" for t in d["targets"]]
     per_round = d["ratios"].get("da_1024_over_stock_512_per_round_median")
     if per_round is not None:
-        rows.append(f"| DA-1024 / stock-512, median of per-round ratios (check) | {per_round} | | |")
+        q = d["ratios"].get("da_1024_over_stock_512_per_round_quartiles")
+        noise = f" (quartiles {q[0]} to {q[1]})" if q else ""
+        rows.append(f"| DA-1024 / stock-512, median of per-round ratios (check) | {per_round}{noise} | | |")
     rounds = f"{s['repeats']} interleaved rounds" + (f" + {s['pair_repeats']} of the DA-1024/stock-512 pair" if s.get("pair_repeats") else "")
     head = (
         f"**DiT step** ({s['implementation']}, {s['layers']}/24 layers, {s['dtype']}, batch {s['batch']}, "

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from davae_core.heads import DAHeads, DetailOutputLayer, DetailPatchEmbed, HeadsConfig
+from davae_core.heads import DAHeads, FusedOutputLayer, FusedPatchEmbed, HeadsConfig
 
 # diffusers' transformer/config.json of stabilityai/stable-diffusion-3.5-medium.
 SD35M_CONFIG: dict[str, Any] = {
@@ -143,8 +143,8 @@ class HeadSwitch:
         _randomize_(self.heads)  # trained heads are non-zero; zeros could be special-cased by kernels
         self.stock = (stock_embed, stock_out)
         self.patched = (
-            DetailPatchEmbed(stock_embed, self.heads.detail_embed, config.base_channels),
-            DetailOutputLayer(stock_out, self.heads.detail_out, config.patch_size, config.base_channels, config.detail_channels),
+            FusedPatchEmbed(stock_embed, self.heads.detail_embed, config.base_channels),
+            FusedOutputLayer(stock_out, self.heads.detail_out, config.patch_size, config.base_channels, config.detail_channels),
         )
 
     def use(self, da: bool) -> None:

@@ -110,6 +110,92 @@ class DetailOutputLayer(nn.Module):
         return torch.cat([base, detail], dim=-1).flatten(-2)
 
 
+# ------------------------------------------------------------------ fused for inference
+def _plain_float(t: torch.Tensor | None) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _weights_key(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple | None:
+    """Identity and version of every weight and bias, or None when fusing could change the result:
+    fp8 / quantised weights, per-call weight functions (ComfyUI low-VRAM LoRA), or training."""
+    key = [x.device, x.dtype]
+    for layer in layers:
+        if getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
+            return None
+        for t in (layer.weight, layer.bias):
+            if not _plain_float(t) or (t.requires_grad and torch.is_grad_enabled()):
+                return None
+            try:
+                version = t._version  # bumps on in-place updates (ComfyUI patches weights in place)
+            except RuntimeError:  # inference tensors keep no version: fuse again on every call
+                return None
+            key.append((id(t), t.data_ptr(), version))
+    return tuple(key)
+
+
+class _FusedCache:
+    """The fused weight for the current weights, on the input's device and dtype, built once."""
+
+    def _fused(self, x: torch.Tensor, build: Callable[[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]]):
+        key = _weights_key((self.stock, self.detail), x)
+        if key is None:
+            return build(x.device, x.dtype)
+        if getattr(self, "_fused_key", None) != key:
+            with torch.no_grad():
+                self._fused_weights = build(x.device, x.dtype)
+            self._fused_key = key
+        return self._fused_weights
+
+
+class FusedPatchEmbed(_FusedCache, DetailPatchEmbed):
+    """P and P' as one conv over C+D channels: weight ``[W_P | W_P']`` on the input channels,
+    bias ``b_P + b_P'``.  Inference only (the fused weight is a copy: no gradients reach P').
+
+    Equal to :class:`DetailPatchEmbed` up to the order of one sum: that adds two convolutions'
+    outputs, this sums all C+D input channels in one reduction (a few fp32 ulps apart).
+    """
+
+    def _build(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cast = lambda t: t.to(device, dtype)  # noqa: E731
+        weight = torch.cat([cast(self.stock.weight), cast(self.detail.weight)], dim=1)
+        return weight, cast(self.stock.bias) + cast(self.detail.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.base_channels + self.detail.weight.shape[1]:
+            return super().forward(x)  # let the stock layer name the wrong channel count
+        weight, bias = self._fused(x, self._build)
+        return nn.functional.conv2d(x, weight, bias, stride=self.stock.stride, padding=self.stock.padding)
+
+
+class FusedOutputLayer(_FusedCache, DetailOutputLayer):
+    """O and O' as one linear whose rows are already in per-patch latent order ``(p, p, C+D)``.
+
+    Every output is the same dot product as in :class:`DetailOutputLayer`, only the rows are
+    interleaved, so the result is the same and no split/concatenate runs per step.
+    """
+
+    def _build(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        def per_patch(t: torch.Tensor, channels: int) -> torch.Tensor:
+            return t.to(device, dtype).unflatten(0, (self.pp, channels))
+
+        c, d = self.base_channels, self.detail_channels
+        weight = torch.cat([per_patch(self.stock.weight, c), per_patch(self.detail.weight, d)], dim=1).flatten(0, 1)
+        bias = torch.cat([per_patch(self.stock.bias, c), per_patch(self.detail.bias, d)], dim=1).flatten()
+        return weight, bias
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._fused(h, self._build)
+        return nn.functional.linear(h, weight, bias)
+
+
+def fused_heads(embed: DetailPatchEmbed, out: DetailOutputLayer) -> tuple[FusedPatchEmbed, FusedOutputLayer]:
+    """Fused twins of attached heads, sharing their layers (no copy until the first call)."""
+    return (
+        FusedPatchEmbed(embed.stock, embed.detail, embed.base_channels),
+        FusedOutputLayer(out.stock, out.detail, int(round(out.pp**0.5)), out.base_channels, out.detail_channels),
+    )
+
+
 def split_patch_output(out: torch.Tensor, config: HeadsConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :class:`DetailOutputLayer` for tokens ``(..., p*p*(C+D))``."""
     pp = config.patch_size**2
@@ -168,3 +254,16 @@ def heads_from_sd3_transformer(transformer: nn.Module, include_base: bool = Fals
     if include_base:
         heads.set_base_layers(embed.stock, out.stock)
     return heads
+
+
+def fuse_sd3_transformer_heads(transformer: nn.Module) -> nn.Module:
+    """Inference: swap the attached P+P' and O+O' for one conv and one linear each (shared weights).
+
+    Training keeps the unfused form (P' and O' train on their own, from zero); the fused layers
+    fall back to it whenever gradients are on, so this is safe to call on a training model too.
+    """
+    embed, out = transformer.pos_embed.proj, transformer.proj_out
+    if not isinstance(embed, DetailPatchEmbed) or not isinstance(out, DetailOutputLayer):
+        raise ValueError("this transformer carries no DA heads; call attach_to_sd3_transformer first")
+    transformer.pos_embed.proj, transformer.proj_out = fused_heads(embed, out)
+    return transformer

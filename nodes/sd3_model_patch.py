@@ -15,7 +15,7 @@ import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
 
-from ..davae_core.heads import DAHeads, DetailOutputLayer, DetailPatchEmbed, HeadsConfig
+from ..davae_core.heads import DAHeads, FusedOutputLayer, FusedPatchEmbed, HeadsConfig
 from . import da_files
 from .errors import node_error
 from .latent_format import DASD3LatentFormat
@@ -25,6 +25,7 @@ NODE = "DA-SD3 Model Patch"
 EMBED_KEY = "diffusion_model.x_embedder.proj"
 OUTPUT_KEY = "diffusion_model.final_layer.linear"
 PREVIEW_KEY = "davae_base_channel_preview"
+FINITE_KEY = "davae_finite_latents"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -96,6 +97,33 @@ def preview_base_channels(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
+def _non_finite(t) -> int:
+    return int((~torch.isfinite(t)).sum()) if isinstance(t, torch.Tensor) and t.is_floating_point() else 0
+
+
+def refuse_non_finite(executor, noise, latent_image, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: NaN/Inf in the latent fed to the patched model, or made by it, is an
+    error naming where it came from (one check before and one after sampling: no per-step sync)."""
+    for name, t, origin in (
+        ("latent_image", latent_image, "the node that made the latent (a decode/encode or latent op upstream)"),
+        ("noise", noise, "the noise source (a custom noise node)"),
+    ):
+        if bad := _non_finite(t):
+            raise node_error(
+                "DA-SD3 sampling", name, "finite before it reaches the DA-patched model",
+                f"{bad} NaN/Inf values of {t.numel()}", f"They came from {origin}; fix or replace that input.",
+            )
+    out = executor(noise, latent_image, *args, **kwargs)
+    if bad := _non_finite(out):
+        raise node_error(
+            "DA-SD3 sampling", "model", "a model whose samples stay finite",
+            f"{bad} NaN/Inf values of {out.numel()} in the sampled latent (the inputs were finite, so the DA-patched "
+            "model produced them)",
+            "Usually fp16 overflow: load the model in bf16 or fp32, lower cfg, or check the heads file / LoRA strength.",
+        )
+    return out
+
+
 def patch_sd3_model(model, heads: DAHeads | None = None, heads_name: str = da_files.ZERO_HEADS):
     """A clone of ``model`` that reads and writes DA latents; the input model is unchanged."""
     da = build_heads(model, heads, heads_name)
@@ -103,8 +131,10 @@ def patch_sd3_model(model, heads: DAHeads | None = None, heads_name: str = da_fi
     embed = _original(model.get_model_object(EMBED_KEY))
     out = _original(model.get_model_object(OUTPUT_KEY))
     patched = model.clone()
-    new_embed = DetailPatchEmbed(da.base_embed or embed, da.detail_embed, cfg.base_channels)
-    new_out = DetailOutputLayer(da.base_out or out, da.detail_out, cfg.patch_size, cfg.base_channels, cfg.detail_channels)
+    # fused: P+P' one conv over 32 channels, O+O' one linear in per-patch order (built on first use
+    # for the weights as loaded; fp8 weights or low-VRAM weight functions run the unfused sum)
+    new_embed = FusedPatchEmbed(da.base_embed or embed, da.detail_embed, cfg.base_channels)
+    new_out = FusedOutputLayer(da.base_out or out, da.detail_out, cfg.patch_size, cfg.base_channels, cfg.detail_channels)
     patched.add_object_patch(EMBED_KEY, _tag(new_embed, embed))
     patched.add_object_patch(OUTPUT_KEY, _tag(new_out, out))
     patched.add_object_patch("diffusion_model.out_channels", cfg.base_channels + cfg.detail_channels)
@@ -112,6 +142,8 @@ def patch_sd3_model(model, heads: DAHeads | None = None, heads_name: str = da_fi
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     patched.remove_wrappers_with_key(outer, PREVIEW_KEY)
     patched.add_wrapper_with_key(outer, PREVIEW_KEY, preview_base_channels)
+    patched.remove_wrappers_with_key(outer, FINITE_KEY)
+    patched.add_wrapper_with_key(outer, FINITE_KEY, refuse_non_finite)
     return patched
 
 

@@ -62,8 +62,27 @@ class DAEmptyStructuredLatent(io.ComfyNode):
             outputs=[io.Latent.Output(tooltip="Zero DA latent: 16 base + 16 detail channels at 16x downscale.")],
         )
 
+    # A sampler keeps the latent, the noise, x and the denoised estimate alive at once, all of the
+    # latent's shape and (at least) fp32 on the intermediate device: refuse what cannot hold even that.
+    SAMPLING_COPIES = 4
+
+    @classmethod
+    def check_fits(cls, width: int, height: int, batch_size: int) -> None:
+        device = mm.intermediate_device()
+        latent_bytes = batch_size * LAYOUT.channels * (height // F) * (width // F) * 4
+        needed, free = cls.SAMPLING_COPIES * latent_bytes, mm.get_free_memory(device)
+        if needed > free:
+            gib = 1024**3
+            raise node_error(
+                cls.NODE, "width/height/batch_size", f"a latent whose sampling fits in free memory ({free / gib:.1f} GiB free on {device})",
+                f"{batch_size} x {width}x{height}: {latent_bytes / gib:.1f} GiB per latent, about {needed / gib:.1f} GiB to "
+                f"sample ({cls.SAMPLING_COPIES} latent-sized fp32 tensors, before the model's own activations)",
+                "Lower batch_size or the size (DA latents are 16x smaller per side than the image), or run batches in turn.",
+            )
+
     @classmethod
     def execute(cls, width, height, batch_size=1) -> io.NodeOutput:
+        cls.check_fits(width, height, batch_size)
         latent = empty_structured_latent(cls.NODE, width, height, batch_size, device=mm.intermediate_device())
         return io.NodeOutput({"samples": latent})
 

@@ -73,3 +73,62 @@ def test_heads_can_be_taken_back_out_of_a_patched_transformer():
     back = heads_from_sd3_transformer(model, include_base=True)
     assert back.detail_embed is heads.detail_embed and back.detail_out is heads.detail_out
     assert back.base_embed is model.pos_embed.proj.stock
+
+
+# ------------------------------------------------------------------ fused heads (inference)
+def _fused_pair(heads_seed: int | None):
+    import copy
+
+    from davae_core.heads import FusedOutputLayer, FusedPatchEmbed, fuse_sd3_transformer_heads
+
+    unfused = tiny_transformer(seed=0)
+    heads = random_heads(unfused, seed=heads_seed) if heads_seed is not None else DAHeads(heads_config_for_diffusers(unfused))
+    attach_to_sd3_transformer(unfused, heads)
+    fused = fuse_sd3_transformer_heads(copy.deepcopy(unfused))
+    assert isinstance(fused.pos_embed.proj, FusedPatchEmbed) and isinstance(fused.proj_out, FusedOutputLayer)
+    return unfused, fused
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fused_output_layer_is_bit_identical_and_fused_embed_within_fp32_rounding(seed):
+    unfused, fused = _fused_pair(seed)
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, 16, 128, generator=gen)
+    # O+O': the same dot products with the rows interleaved -> bit-identical
+    assert torch.equal(fused.proj_out(h), unfused.proj_out(h))
+    # P+P': one reduction over 32 channels instead of two sums added -> only the summation order differs.
+    # Bound: a few ulps of the largest partial sum (fp32 eps 1.2e-7 times the magnitude, times a few).
+    x = torch.randn(2, 32, 8, 8, generator=gen)
+    a, b = unfused.pos_embed.proj(x), fused.pos_embed.proj(x)
+    assert not torch.equal(a, torch.zeros_like(a))
+    assert (a - b).abs().max() <= 8 * torch.finfo(torch.float32).eps * a.abs().max()
+    args = _inputs(32, seed=seed)
+    out_u, out_f = unfused(**args).sample, fused(**args).sample
+    assert (out_u - out_f).abs().max() <= 1e-5 * out_u.abs().max()
+
+
+@torch.no_grad()
+def test_fused_zero_init_heads_reproduce_the_stock_model_exactly():
+    stock = tiny_transformer(seed=0)
+    _, fused = _fused_pair(None)
+    args = _inputs(32)
+    expected = stock(**{**args, "hidden_states": args["hidden_states"][:, :16]}).sample
+    out = fused(**args).sample
+    assert torch.equal(out[:, :16], expected)
+    assert torch.equal(out[:, 16:], torch.zeros_like(out[:, 16:]))
+
+
+def test_fused_heads_refit_after_an_in_place_weight_change_and_fall_back_when_training():
+    unfused, fused = _fused_pair(1)
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        first = fused.pos_embed.proj(x)
+        fused.pos_embed.proj.detail.weight.add_(1.0)  # as ComfyUI patches weights in place
+        second = fused.pos_embed.proj(x)
+        unfused.pos_embed.proj.detail.weight.add_(1.0)
+        assert (second - unfused.pos_embed.proj(x)).abs().max() <= 1e-5 * second.abs().max()
+        assert not torch.allclose(first, second)
+    # gradients on: the unfused path runs, so P' trains
+    fused.pos_embed.proj(x).sum().backward()
+    assert fused.pos_embed.proj.detail.weight.grad is not None

@@ -188,6 +188,40 @@ def test_patching_twice_does_not_stack_heads(tiny_model, fixtures_dir):
     assert embed.stock is tiny_model.model.diffusion_model.x_embedder.proj
 
 
+def test_patch_uses_fused_heads_equal_to_the_unfused_sum(tiny_model, fixtures_dir):
+    """The node's P+P' / O+O' are one conv / one linear; sampling matches the unfused wrappers
+    to fp32 rounding (the fused conv sums 32 channels in one reduction, not 16 + 16)."""
+    patch = harness.pack_module("nodes.sd3_model_patch")
+    core = harness.pack_module("davae_core.heads")
+    fused = _patch(tiny_model, _heads_file(fixtures_dir))
+    embed, out = fused.object_patches[patch.EMBED_KEY], fused.object_patches[patch.OUTPUT_KEY]
+    assert isinstance(embed, core.FusedPatchEmbed) and isinstance(out, core.FusedOutputLayer)
+    unfused = fused.clone()
+    unfused.add_object_patch(patch.EMBED_KEY, core.DetailPatchEmbed(embed.stock, embed.detail, embed.base_channels))
+    unfused.add_object_patch(
+        patch.OUTPUT_KEY, core.DetailOutputLayer(out.stock, out.detail, 2, out.base_channels, out.detail_channels)
+    )
+    gen = torch.Generator().manual_seed(8)
+    latent, noise = torch.randn(1, 32, 16, 16, generator=gen), torch.randn(1, 32, 16, 16, generator=gen)
+    a, b = _sample(fused, latent, noise), _sample(unfused, latent, noise)
+    assert not torch.equal(a[:, 16:], torch.zeros_like(a[:, 16:]))
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_nan_latent_or_diverging_model_is_an_error_naming_its_source(tiny_model, fixtures_dir):
+    patched = _patch(tiny_model, _heads_file(fixtures_dir))
+    latent, noise = torch.zeros(1, 32, 8, 8), torch.randn(1, 32, 8, 8)
+    bad = latent.clone()
+    bad[0, 20, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"input 'latent_image' must be finite.*1 NaN/Inf.*came from the node that made the latent"):
+        _sample(patched, bad, noise)
+    heads = _heads_file(fixtures_dir)
+    with torch.no_grad():
+        heads.detail_out.bias.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"input 'model'.*NaN/Inf values .* in the sampled latent.*DA-patched model produced"):
+        _sample(_patch(tiny_model, heads), latent, noise)
+
+
 def test_patch_refuses_non_sd3_models_and_wrong_width_heads(tiny_model):
     from types import SimpleNamespace
 
@@ -316,6 +350,18 @@ def test_encode_and_decode_refuse_grey_images_and_nan_latents(comfy):
     latent[0, 3, 1, 1] = float("nan")
     with pytest.raises(ValueError, match=r"Structured Latent Decode: input 'samples' must be a finite DA latent.*1 NaN/Inf"):
         _call(mapping["DAStructuredLatentDecode"], samples={"samples": latent}, vae=vae, tile_size=0, overlap=0)
+
+
+def test_empty_structured_latent_refuses_a_size_beyond_free_memory(comfy):
+    import comfy.model_management as mm
+
+    node = comfy["nodes"].NODE_CLASS_MAPPINGS["DAEmptyStructuredLatent"]
+    side, batch = 16384, 4096  # 4096 x 32 x 1024 x 1024 fp32 = 512 GiB per latent, more than any test machine frees
+    assert 4 * batch * 32 * (side // 16) ** 2 * 4 > mm.get_free_memory(mm.intermediate_device())
+    with pytest.raises(ValueError, match=r"Empty Structured Latent: input 'width/height/batch_size'.*GiB free.*512\.0 GiB per latent.*Lower batch_size"):
+        _call(node, width=side, height=side, batch_size=batch)
+    (ok,) = _call(node, width=64, height=32, batch_size=2)
+    assert ok["samples"].shape == (2, 32, 2, 4)
 
 
 def _call(node_cls, **inputs):
