@@ -287,7 +287,8 @@ def test_evaluation_report_and_grid(uninterrupted_run, fixtures_dir, image_dir, 
 
 
 def test_only_complete_checkpoints_count(tmp_path):
-    from davae_training.common import STATE_FILE, list_checkpoints, resolve_resume
+    from davae_training.common import CHECKSUM_FILE, STATE_FILE, _checksums, list_checkpoints, resolve_resume
+    from davae_core.atomic_files import write_json_atomic
 
     root = tmp_path / "checkpoints"
     for name, complete in [("checkpoint-00000002", True), ("checkpoint-00000010", True),
@@ -295,6 +296,7 @@ def test_only_complete_checkpoints_count(tmp_path):
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / STATE_FILE).write_text("{}")
+            write_json_atomic(root / name / CHECKSUM_FILE, _checksums(root / name))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000010"]
     assert resolve_resume("latest", tmp_path).name == "checkpoint-00000010"
     assert resolve_resume(None, tmp_path) is None
