@@ -194,11 +194,11 @@ def _checkpoint_step(path: Path) -> int | None:
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (renamed into place, with a trainer state), oldest first."""
+    """Checkpoint folders renamed into place, oldest first (:func:`verify_checkpoint` says which are intact)."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _checkpoint_step(p)) is not None and (p / STATE_FILE).is_file()]
+    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
