@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 DAMAGES = ("truncated", "missing", "overwritten")
 
@@ -74,20 +71,3 @@ def resolve_latest_logging(output_dir: Path, caplog) -> tuple[Path | None, str]:
     with caplog.at_level(logging.WARNING, logger="davae_training"):
         chosen = resolve_resume("latest", output_dir)
     return chosen, caplog.text
-
-
-@pytest.fixture
-def single_thread():
-    """In-process runs on the shared 2-core machine: one thread, like the subprocess runs."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def env_without_fault() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DAVAE_FAULT_AFTER_STEP"}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    return env
