@@ -267,3 +267,127 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
 
         AcceleratorState._reset_state(reset_partial_state=True)
     assert summary["step"] == 2 and summary["last_logged"]["loss"] > 0
+
+
+# ---------------------------------------------------------------------------- run safety (issue 16)
+from run_safety_helpers import DAMAGES, copy_run, damage, reset_accelerate, resolve_latest_logging, write_lock  # noqa: E402
+
+STAGE2_FILES = {"weights": "adapter_trained.safetensors", "ema": "adapter_trained_ema.safetensors",
+                "optimizer": "optimizer.bin", "state": "trainer_state.json"}
+SAFETY_COMMON = ("train.max_steps=4", "train.checkpoint_every=2", "train.checkpoints_total_limit=5", "objective.detail_warmup_steps=3")
+
+
+@pytest.fixture(scope="module")
+def stage2_run(sd35_folder, fixtures_dir, images, tmp_path_factory):
+    """One uninterrupted 4-step run with checkpoints at steps 2 and 4; the cases below work on copies."""
+    out = tmp_path_factory.mktemp("stage2_safety") / "run"
+    r = _run(_overrides(out, sd35_folder, fixtures_dir, images, *SAFETY_COMMON))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _cfg(out, sd35_folder, fixtures_dir, images, *more):
+    from davae_training.config import load_config
+    from davae_training.stage2.config import AdapterTrainConfig
+
+    return load_config(AdapterTrainConfig, TINY_CONFIG, _overrides(out, sd35_folder, fixtures_dir, images, *SAFETY_COMMON, *more)[1::2])
+
+
+@pytest.mark.parametrize("kind,how", [(k, h) for k in STAGE2_FILES for h in DAMAGES])
+def test_stage2_resume_latest_skips_a_damaged_checkpoint(stage2_run, tmp_path, caplog, kind, how):
+    out = copy_run(stage2_run, tmp_path / "run")
+    damage(out / "checkpoints" / "checkpoint-00000004" / STAGE2_FILES[kind], how)
+    chosen, log = resolve_latest_logging(out, caplog)
+    assert chosen is not None and chosen.name == "checkpoint-00000002"
+    assert "skipping checkpoint-00000004" in log and STAGE2_FILES[kind] in log, log
+
+
+def test_stage2_fallback_resume_ends_bit_identical(stage2_run, sd35_folder, fixtures_dir, images, tmp_path):
+    out = copy_run(stage2_run, tmp_path / "run", drop=("final", "export"))
+    damage(out / "checkpoints" / "checkpoint-00000004" / STAGE2_FILES["ema"], "overwritten")
+    r = _run(_overrides(out, sd35_folder, fixtures_dir, images, *SAFETY_COMMON) + ["--resume", "latest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipping checkpoint-00000004" in r.stderr and "at step 2" in r.stderr
+    (a, a_ema), (b, b_ema) = _final(stage2_run), _final(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a_ema[k], b_ema[k]) for k in a)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.batch_size=1", "train.batch_size"), ("train.seed=3", "train.seed"),
+    ("data.images.resolution=32", "data.images.resolution"), ("model.lora_rank=2", "model.lora_rank"),
+    ("train.learning_rate=0.0005", "--change-learning-rate"),
+])
+def test_stage2_resume_refuses_config_changes_that_break_it(stage2_run, sd35_folder, fixtures_dir, images, override, key):
+    import re
+
+    from davae_training.common import plan_resume
+    from davae_training.run_safety import ResumeConfigError
+
+    with pytest.raises(ResumeConfigError, match=re.escape(key)):
+        plan_resume("latest", _cfg(stage2_run, sd35_folder, fixtures_dir, images, override))
+
+
+def test_stage2_new_learning_rate_applied_nonfinite_stop_and_skip(stage2_run, sd35_folder, fixtures_dir, images, tmp_path, monkeypatch):
+    """From checkpoint 4: a new learning rate (with the flag) is really used; a NaN loss stops or skips."""
+    import yaml
+
+    import davae_training.stage2.trainer as ta
+    from davae_training.run_safety import NonFiniteError
+
+    out = copy_run(stage2_run, tmp_path / "lr", drop=("final", "export"))
+    try:
+        summary = ta.train(_cfg(out, sd35_folder, fixtures_dir, images, "train.max_steps=5", "train.learning_rate=0.0005"),
+                           "latest", change_learning_rate=True)
+    finally:
+        reset_accelerate()
+    assert summary["step"] == 5 and summary["last_logged"]["lr"] == pytest.approx(5e-4, rel=1e-9)
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["learning_rate"] == 5e-4
+
+    original = ta.flow_matching_loss
+
+    def poisoned(model_fn, latents, step, *a, **k):
+        losses = original(model_fn, latents, step, *a, **k)
+        return {**losses, "loss": losses["loss"] * float("nan")} if step + 1 == 5 else losses
+
+    monkeypatch.setattr(ta, "flow_matching_loss", poisoned)
+    stop = copy_run(stage2_run, tmp_path / "stop", drop=("final", "export"))
+    try:
+        with pytest.raises(NonFiniteError, match="at step 5.*Last good checkpoint: .*checkpoint-00000004"):
+            ta.train(_cfg(stop, sd35_folder, fixtures_dir, images, "train.max_steps=5"), "latest")
+    finally:
+        reset_accelerate()
+    assert not (stop / "export").exists() and not (stop / "run.lock").exists()
+    skip = copy_run(stage2_run, tmp_path / "skip", drop=("final", "export"))
+    try:
+        ta.train(_cfg(skip, sd35_folder, fixtures_dir, images, "train.max_steps=5", "train.on_nonfinite=skip"), "latest")
+    finally:
+        reset_accelerate()
+    # the skipped step left the weights as checkpoint 4 had them
+    before = load_file(str(stage2_run / "checkpoints" / "checkpoint-00000004" / "adapter_trained.safetensors"))
+    after = load_file(str(skip / "final" / "adapter_trained.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stage2_export_refuses_nonfinite_weights(sd35_folder, tmp_path):
+    from davae_training.run_safety import NonFiniteError
+    from davae_training.stage2.export import export_for_comfy
+
+    model = build_adapter_model(AdapterModelConfig(pretrained=str(sd35_folder), lora_rank=4, lora_alpha=4))
+    with torch.no_grad():
+        next(iter(trained_parameters(model).values())).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        export_for_comfy(model, tmp_path / "export", "nan", None)
+    assert not (tmp_path / "export").exists()
+
+
+def test_stage2_a_second_run_into_the_same_folder_refuses(sd35_folder, fixtures_dir, images, tmp_path):
+    import socket
+
+    import davae_training.stage2.trainer as ta
+    from davae_training.run_safety import RunLockError
+
+    out = tmp_path / "run"
+    write_lock(out, socket.gethostname(), os.getppid())
+    with pytest.raises(RunLockError, match="running process"):
+        ta.train(_cfg(out, sd35_folder, fixtures_dir, images))
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]

@@ -6,6 +6,8 @@ LPIPS runs on the logged random-feature stand-in here: no LPIPS weights can be d
 from __future__ import annotations
 
 import json
+import logging
+import re
 import os
 import shutil
 import socket
@@ -235,6 +237,7 @@ def test_kill_and_resume_matches_uninterrupted_run(uninterrupted_run, fixtures_d
     killed = _run(args, _env(DAVAE_FAULT_AFTER_STEP="3"), expect_rc=17)
     assert "exiting hard after step 3" in killed.stderr
     assert find_latest_checkpoint(out).name == "checkpoint-00000002"  # step 3 was lost, as allowed
+    assert (out / "run.lock").is_file()  # left by the killed run: the resume must see it as stale
     assert not (out / "davae.safetensors").exists()
     resumed = _run(args + ["--resume", "latest"], _env())
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
@@ -287,7 +290,8 @@ def test_evaluation_report_and_grid(uninterrupted_run, fixtures_dir, image_dir, 
 
 
 def test_only_complete_checkpoints_count(tmp_path):
-    from davae_training.common import STATE_FILE, list_checkpoints, resolve_resume
+    from davae_training.common import CHECKSUM_FILE, STATE_FILE, _checksums, list_checkpoints, resolve_resume
+    from davae_core.atomic_files import write_json_atomic
 
     root = tmp_path / "checkpoints"
     for name, complete in [("checkpoint-00000002", True), ("checkpoint-00000010", True),
@@ -295,7 +299,8 @@ def test_only_complete_checkpoints_count(tmp_path):
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / STATE_FILE).write_text("{}")
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000010"]
+            write_json_atomic(root / name / CHECKSUM_FILE, _checksums(root / name))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000010", "checkpoint-00000012"]
     assert resolve_resume("latest", tmp_path).name == "checkpoint-00000010"
     assert resolve_resume(None, tmp_path) is None
     assert resolve_resume("latest", tmp_path / "elsewhere") is None  # nothing yet: fresh start
@@ -313,3 +318,182 @@ def test_image_grid_layout(tmp_path):
     assert arr[1:9, 1:9].max() == 0 and arr[10:18, 1:9].min() == 255
     with pytest.raises(ValueError, match="grid rows"):
         save_image_grid([torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8)], tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------------------- run safety (issue 16)
+# Cheap cases work on copies of the one uninterrupted run (checkpoints at steps 2 and 4); only the
+# fallback, the learning-rate change and the non-finite cases train, for one to three steps.
+from run_safety_helpers import DAMAGES, copy_run, damage, dead_pid, reset_accelerate, resolve_latest_logging, write_lock  # noqa: E402
+
+STAGE1_FILES = {"weights": "model.safetensors", "discriminator": "model_1.safetensors", "optimizer": "optimizer.bin",
+                "state": "trainer_state.json", "checksums": "checksums.json"}
+
+
+def _config(fixtures_dir, image_dir, out, *more):
+    return load_config(TokenizerTrainConfig, TINY, _overrides(fixtures_dir, image_dir, out) + list(more))
+
+
+@pytest.mark.parametrize("kind,how", [(k, h) for k in STAGE1_FILES if k != "checksums" for h in DAMAGES] + [("checksums", "missing")])
+def test_resume_latest_skips_a_damaged_checkpoint(uninterrupted_run, tmp_path, caplog, kind, how):
+    out = copy_run(uninterrupted_run, tmp_path / "run")
+    damage(out / "checkpoints" / "checkpoint-00000004" / STAGE1_FILES[kind], how)
+    chosen, log = resolve_latest_logging(out, caplog)
+    assert chosen is not None and chosen.name == "checkpoint-00000002"
+    assert "skipping checkpoint-00000004" in log and STAGE1_FILES[kind] in log, log
+    word = {"truncated": "bytes", "missing": "missing", "overwritten": "checksum"}[how]
+    assert word in log, log
+
+
+def test_resume_refuses_clearly_when_no_checkpoint_is_usable(uninterrupted_run, tmp_path):
+    from davae_training.common import CheckpointError, resolve_resume
+
+    out = copy_run(uninterrupted_run, tmp_path / "run")
+    damage(out / "checkpoints" / "checkpoint-00000004" / "optimizer.bin", "truncated")
+    damage(out / "checkpoints" / "checkpoint-00000002" / "model.safetensors", "overwritten")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint(.|\n)*optimizer.bin(.|\n)*model.safetensors(.|\n)*new run"):
+        resolve_resume("latest", out)
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its checksum.*--resume latest"):
+        resolve_resume(str(out / "checkpoints" / "checkpoint-00000002"), out)
+
+
+def test_fallback_resume_ends_bit_identical(uninterrupted_run, fixtures_dir, image_dir, tmp_path):
+    """The newest checkpoint's weights are damaged: resume falls back to step 2 and ends where the full run ended."""
+    out = copy_run(uninterrupted_run, tmp_path / "run", drop=("final", "davae.safetensors"))
+    damage(out / "checkpoints" / "checkpoint-00000004" / "model.safetensors", "overwritten")
+    args = [sys.executable, "-m", "davae_training.train_tokenizer", *_cli(_overrides(fixtures_dir, image_dir, out)), "--resume", "latest"]
+    resumed = _run(args, _env())
+    assert "skipping checkpoint-00000004" in resumed.stderr and "at step 2" in resumed.stderr
+    full = json.loads((uninterrupted_run / "final" / "summary.json").read_text())
+    again = json.loads((out / "final" / "summary.json").read_text())
+    assert again["step"] == 4 and again["rank_digests"] == full["rank_digests"]
+    a, b = _weights(uninterrupted_run / "checkpoints" / "checkpoint-00000004"), _weights(out / "checkpoints" / "checkpoint-00000004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.batch_size=1", "train.batch_size"), ("train.seed=3", "train.seed"),
+    ("data.resolution=48", "data.resolution"), ("model.detail_channels=8", "model.detail_channels"),
+    ("train.learning_rate=0.0005", "--change-learning-rate"),
+])
+def test_resume_refuses_config_changes_that_break_it(uninterrupted_run, fixtures_dir, image_dir, override, key):
+    from davae_training.common import plan_resume
+    from davae_training.run_safety import ResumeConfigError
+
+    config = _config(fixtures_dir, image_dir, uninterrupted_run, override)
+    with pytest.raises(ResumeConfigError, match=re.escape(key)):
+        plan_resume("latest", config)
+    if key == "--change-learning-rate":  # with the flag it is accepted
+        assert plan_resume("latest", config, change_learning_rate=True).learning_rate == 5e-4
+
+
+def test_resume_applies_safe_config_changes(uninterrupted_run, fixtures_dir, image_dir, caplog):
+    from davae_training.common import plan_resume
+
+    config = _config(fixtures_dir, image_dir, uninterrupted_run, "train.max_steps=6", "train.log_every=2",
+                     "train.checkpoint_every=3", "train.on_nonfinite=skip")
+    with caplog.at_level(logging.INFO, logger="davae_training"):
+        plan = plan_resume("latest", config)
+    # data.index_cache too: train() points it into output_dir, this bare config leaves it unset
+    assert set(plan.changes) == {"train.max_steps", "train.log_every", "train.checkpoint_every", "train.on_nonfinite", "data.index_cache"}
+    assert plan.changes["train.max_steps"] == (4, 6) and plan.learning_rate is None
+    assert "train.max_steps changed 4 -> 6 (applied)" in caplog.text
+
+
+def test_new_learning_rate_is_really_used_and_recorded(uninterrupted_run, fixtures_dir, image_dir, tmp_path):
+    import yaml
+
+    from davae_training.stage1.trainer import train
+
+    out = copy_run(uninterrupted_run, tmp_path / "run", drop=("final", "davae.safetensors"))
+    config = _config(fixtures_dir, image_dir, out, "train.max_steps=5", "train.learning_rate=0.0005", "train.image_every=0")
+    try:
+        train(config, resume="latest", change_learning_rate=True)
+    finally:
+        reset_accelerate()
+    summary = json.loads((out / "final" / "summary.json").read_text())
+    assert summary["step"] == 5 and summary["last_logged"]["lr"] == pytest.approx(5e-4, rel=1e-9)
+    for saved in (out / "config.yaml", out / "checkpoints" / "checkpoint-00000005" / "config.yaml"):
+        train_cfg = yaml.safe_load(saved.read_text())["train"]
+        assert train_cfg["learning_rate"] == 5e-4 and train_cfg["max_steps"] == 5, saved
+    assert not (out / "run.lock").exists()
+
+
+def _nan_at_step(monkeypatch, bad_step: int) -> None:
+    """The generator loss turns NaN while making step ``bad_step`` (as a diverging run would)."""
+    original = TokenizerLoss.generator_loss
+
+    def poisoned(self, outputs, target, step, *a, **k):
+        total, logs = original(self, outputs, target, step, *a, **k)
+        return (total * float("nan") if step + 1 == bad_step else total), logs
+
+    monkeypatch.setattr(TokenizerLoss, "generator_loss", poisoned)
+
+
+def test_nonfinite_loss_stops_the_run_with_step_and_last_good_checkpoint(uninterrupted_run, fixtures_dir, image_dir, tmp_path, monkeypatch):
+    from davae_training.run_safety import NonFiniteError
+    from davae_training.stage1.trainer import train
+
+    out = copy_run(uninterrupted_run, tmp_path / "run", drop=("final", "davae.safetensors", "checkpoints/checkpoint-00000004"))
+    _nan_at_step(monkeypatch, 3)
+    config = _config(fixtures_dir, image_dir, out, "train.image_every=0")
+    try:
+        with pytest.raises(NonFiniteError, match="non-finite loss.* at step 3.*Last good checkpoint: .*checkpoint-00000002"):
+            train(config, resume="latest")
+    finally:
+        reset_accelerate()
+    assert not (out / "davae.safetensors").exists() and not (out / "final").exists()
+    assert not (out / "run.lock").exists()  # released on the way out
+
+
+def test_nonfinite_loss_skips_the_step_when_configured(uninterrupted_run, fixtures_dir, image_dir, tmp_path, monkeypatch, caplog):
+    from davae_training.stage1.trainer import train
+
+    out = copy_run(uninterrupted_run, tmp_path / "run", drop=("final", "davae.safetensors", "checkpoints/checkpoint-00000004"))
+    _nan_at_step(monkeypatch, 3)
+    config = _config(fixtures_dir, image_dir, out, "train.image_every=0", "train.on_nonfinite=skip")
+    try:
+        with caplog.at_level(logging.WARNING, logger="davae_training"):
+            train(config, resume="latest")
+    finally:
+        reset_accelerate()
+    assert re.search(r"non-finite loss( and gradient)? at step 3: step skipped", caplog.text), caplog.text
+    exported = load_file(str(out / "davae.safetensors"))
+    assert all(torch.isfinite(t).all() for t in exported.values() if t.is_floating_point())
+
+
+def test_export_refuses_nonfinite_weights(fixtures_dir, image_dir, tmp_path):
+    from davae_training.run_safety import NonFiniteError
+
+    config = _config(fixtures_dir, image_dir, tmp_path)
+    model, _ = build_model(config)
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        export_model(config, model, [], 4, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+
+
+def test_a_second_run_into_the_same_folder_refuses(fixtures_dir, image_dir, tmp_path):
+    from davae_training.run_safety import RunLockError
+    from davae_training.stage1.trainer import train
+
+    out = tmp_path / "run"
+    write_lock(out, socket.gethostname(), os.getppid())  # a live process on this host owns it
+    with pytest.raises(RunLockError, match=f"running process \\(pid {os.getppid()}"):
+        train(_config(fixtures_dir, image_dir, out))
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing written
+
+
+def test_output_lock_stale_and_foreign(tmp_path, caplog):
+    from davae_training.run_safety import OutputLock, RunLockError
+
+    lock_file = write_lock(tmp_path, socket.gethostname(), dead_pid())
+    with caplog.at_level(logging.WARNING, logger="davae_training"), OutputLock(tmp_path):
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        other = subprocess.run([sys.executable, "-c", f"from davae_training.run_safety import OutputLock; OutputLock({str(tmp_path)!r}).acquire()"],
+                               cwd=REPO, capture_output=True, text=True)  # another process sees us holding it
+        assert other.returncode != 0 and f"running process (pid {os.getpid()}" in other.stderr, other.stderr[-2000:]
+    assert "stale lock" in caplog.text and not lock_file.exists()
+    write_lock(tmp_path, "another-host", os.getpid())
+    with pytest.raises(RunLockError, match="host 'another-host'.*delete .*run.lock"):
+        OutputLock(tmp_path).acquire()

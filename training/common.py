@@ -5,15 +5,17 @@ Stable API (stage 1 and stage 2 build on it):
 * configs live in :mod:`davae_training.config`;
 * runtime: :func:`seed_everything`, :func:`make_accelerator`, :func:`init_trackers`,
   :func:`setup_logging`, :func:`progress_bar`, :func:`prepare_deepspeed_batch_size`;
-* checkpoints: :func:`save_checkpoint` (atomic), :func:`find_latest_checkpoint`,
-  :func:`resolve_resume`, :func:`load_checkpoint` -> :class:`TrainerState`;
+* checkpoints: :func:`save_checkpoint` (atomic, checksummed), :func:`find_latest_checkpoint`,
+  :func:`verify_checkpoint`, :func:`latest_complete_checkpoint`, :func:`resolve_resume`,
+  :func:`plan_resume` + :func:`resume_from` (verified checkpoint, config diff) -> :class:`TrainerState`;
 * :func:`maybe_inject_fault` (test hook: exit hard after step k), :func:`save_image_grid`,
   :func:`parameter_digest`.
 
 Checkpoints live in ``<output_dir>/checkpoints/checkpoint-<step:08d>/`` and are written by
 ``accelerator.save_state`` into a hidden temporary folder that is renamed into place only once
 complete, so a kill at any moment leaves the previous checkpoint intact and never a partial one
-under a real name.  (accelerate's ``automatic_checkpoint_naming`` numbers saves rather than steps
+under a real name.  ``checksums.json`` (size and SHA-256 of every other file) is written last;
+a checkpoint whose files do not all verify is skipped by ``--resume latest``.  (accelerate's ``automatic_checkpoint_naming`` numbers saves rather than steps
 and writes in place, so we name by step ourselves; ``ProjectConfiguration`` still sets the project
 and logging folders.)
 """
@@ -44,6 +46,7 @@ logger = logging.getLogger("davae_training")
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
+CHECKSUM_FILE = "checksums.json"  # written last: a checkpoint is complete when every file it lists verifies
 RUN_CONFIG = "config.yaml"  # the resolved config of a run, in its output_dir
 FINAL_DIR = "final"  # end of a run: summary.json (both stages), the trained tensors (stage 2)
 FAULT_ENV = "DAVAE_FAULT_AFTER_STEP"  # test hook: os._exit after this optimizer step
@@ -191,11 +194,11 @@ def _checkpoint_step(path: Path) -> int | None:
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (renamed into place, with a trainer state), oldest first."""
+    """Checkpoint folders renamed into place, oldest first (:func:`verify_checkpoint` says which are intact)."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _checkpoint_step(p)) is not None and (p / STATE_FILE).is_file()]
+    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -222,6 +225,10 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerSt
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, dataclasses.asdict(state))
+        run_config = Path(output_dir) / RUN_CONFIG
+        if run_config.is_file():  # the config this state was trained with: resume compares against it
+            shutil.copyfile(run_config, tmp / RUN_CONFIG)
+        write_json_atomic(tmp / CHECKSUM_FILE, _checksums(tmp))
         for p in tmp.rglob("*"):  # data on disk before the rename makes it visible
             if p.is_file():
                 with open(p, "rb") as f:
@@ -238,12 +245,74 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerSt
     return final
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checksums(folder: Path) -> dict[str, Any]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+    return {"algorithm": "sha256",
+            "files": {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """``None`` when every file of the checkpoint is present and matches its checksum, else the problem."""
+    path = Path(path)
+    listing = path / CHECKSUM_FILE
+    if not listing.is_file():
+        return f"{listing} is missing (the save did not finish, or an older version wrote it)"
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{listing} is damaged (not the JSON the trainer writes)"
+    for rel, want in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{f} has {size} bytes, {want['size']} were written (truncated or replaced)"
+        if _sha256(f) != want["sha256"]:
+            return f"{f} does not match its checksum (overwritten or corrupted in place)"
+    return None
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint whose files all verify, [(newer damaged checkpoint, problem), ...])."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was asked for."""
+
+
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """``None`` -> fresh start; ``"latest"`` -> newest complete checkpoint or fresh; else a folder."""
+    """``None`` -> fresh start; ``"latest"`` -> newest complete checkpoint or fresh; else a folder.
+
+    ``latest`` walks back past damaged checkpoints (logging each and why) and refuses only when
+    checkpoints exist but none verifies; an explicit folder must verify.
+    """
     if not resume:
         return None
     if resume == "latest":
-        latest = find_latest_checkpoint(output_dir)
+        latest, skipped = latest_complete_checkpoint(output_dir)
+        for path, problem in skipped:
+            logger.warning("--resume latest: skipping %s: %s", path.name, problem)
+        if latest is None and skipped:
+            raise CheckpointError(
+                f"--resume latest: no usable checkpoint in {checkpoint_dir(output_dir)}:\n  "
+                + "\n  ".join(f"{p.name}: {why}" for p, why in skipped)
+                + "\nRestore the damaged files from a backup, or start a new run (no --resume, or another train.output_dir).")
         if latest is None:
             logger.info("--resume latest: no checkpoint in %s yet, starting from step 0", checkpoint_dir(output_dir))
         return latest
@@ -253,7 +322,59 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
             f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); "
             f"use 'latest' or one of {[str(p) for p in list_checkpoints(output_dir)]}"
         )
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"--resume {resume}: {problem}. Use --resume latest to fall back to the newest intact checkpoint.")
     return path
+
+
+@dataclass
+class ResumePlan:
+    """A verified checkpoint to resume from, and the config changes it accepted."""
+
+    path: Path
+    changes: dict[str, tuple[Any, Any]]
+    learning_rate: float | None = None  # a new base learning rate to apply after loading
+
+
+def plan_resume(resume: str | None, config: Any, change_learning_rate: bool = False) -> ResumePlan | None:
+    """Pick and verify the checkpoint and check the config against the one it was trained with.
+
+    Call before :func:`write_run_config`, so the run config says what the resumed run uses.
+    """
+    import yaml
+
+    from .run_safety import LEARNING_RATE_KEY, check_resume_config
+
+    path = resolve_resume(resume, config.train.output_dir)
+    if path is None:
+        if change_learning_rate:
+            logger.info("--change-learning-rate: nothing to resume, train.learning_rate is used from step 0")
+        return None
+    saved_file = path / RUN_CONFIG
+    if not saved_file.is_file():
+        raise CheckpointError(f"{path}: no {RUN_CONFIG}, so the config cannot be compared; start a new run")
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    current = yaml.safe_load(yaml.safe_dump(config_to_dict(config), sort_keys=False))  # tuples -> lists, as saved
+    changes = check_resume_config(saved, current, change_learning_rate, path)
+    for key, (old, new) in changes.items():
+        logger.info("resume: %s changed %r -> %r (applied)", key, old, new)
+    new_lr = changes[LEARNING_RATE_KEY][1] if LEARNING_RATE_KEY in changes else None
+    return ResumePlan(path, changes, float(new_lr) if new_lr is not None else None)
+
+
+def resume_from(accelerator, plan: ResumePlan | None, optimizer, lr_scheduler) -> TrainerState:
+    """Load the planned checkpoint (or a fresh state) and apply an accepted learning-rate change."""
+    if plan is None:
+        return TrainerState(world_size=accelerator.num_processes)
+    state = load_checkpoint(accelerator, plan.path)
+    if plan.learning_rate is not None:
+        from .run_safety import apply_learning_rate
+
+        apply_learning_rate(optimizer, lr_scheduler, plan.learning_rate)
+        logger.info("resume: learning rate set to %g (was %g in the checkpoint)", plan.learning_rate,
+                    plan.changes["train.learning_rate"][0])
+    return state
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike) -> TrainerState:

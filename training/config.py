@@ -47,6 +47,7 @@ class TrainLoopConfig:
     dataloader_num_workers: int = 2
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" that optimizer step
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -167,5 +168,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument(
         "--resume", default=None, metavar="latest|PATH",
         help="continue from the newest checkpoint in output_dir ('latest') or from a checkpoint folder",
+    )
+    parser.add_argument(
+        "--change-learning-rate", action="store_true",
+        help="with --resume: apply train.learning_rate even though the checkpoint was trained with another one",
     )
     return parser

@@ -30,15 +30,15 @@ from ..common import (
     TrainerState,
     derive_seed,
     gather_rank_digests,
-    find_latest_checkpoint,
     init_trackers,
-    load_checkpoint,
+    latest_complete_checkpoint,
     logger,
     make_accelerator,
     maybe_inject_fault,
     prepare_deepspeed_batch_size,
     progress_bar,
-    resolve_resume,
+    plan_resume,
+    resume_from,
     save_checkpoint,
     save_final_checkpoint,
     save_image_grid,
@@ -47,6 +47,7 @@ from ..common import (
     write_run_config,
     setup_plain_logging,
 )
+from ..run_safety import NonFiniteGuard, OutputLock, check_finite_tensors
 from ..config import add_common_arguments, config_to_dict, load_config
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
 from .config import FIXTURE_VAE, TokenizerModelConfig, TokenizerTrainConfig
@@ -119,6 +120,7 @@ def stats_batches(config: TokenizerTrainConfig, records) -> Any:
 
 def export_model(config: TokenizerTrainConfig, model: DAVAE, records, step: int, path: Path | None = None, extra: dict | None = None) -> Path:
     """Detail statistics (or identity) into the normaliser, then ``save_davae``."""
+    check_finite_tensors(model.state_dict().items(), f"DA-VAE export (step {step})")
     if config.stats.enabled:
         stats = measure_detail_statistics(model, stats_batches(config, records), config.stats.num_images)
     else:
@@ -142,7 +144,7 @@ def export_from_checkpoint(config: TokenizerTrainConfig, checkpoint: str, out: s
     from safetensors.torch import load_file
 
     setup_plain_logging()
-    ckpt = find_latest_checkpoint(config.train.output_dir) if checkpoint == "latest" else Path(checkpoint)
+    ckpt = latest_complete_checkpoint(config.train.output_dir)[0] if checkpoint == "latest" else Path(checkpoint)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {config.train.output_dir}/checkpoints to export")
     weights = ckpt / "model.safetensors"
@@ -182,8 +184,15 @@ def _save_grid(accelerator, config, model, vae, pixels: torch.Tensor, step: int)
             tracker.writer.add_image("reconstruction (input | stock VAE | DA-VAE)", np.asarray(Image.open(path)), step, dataformats="HWC")
 
 
-def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_net: nn.Module | None = None) -> Path | None:
+def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_net: nn.Module | None = None,
+          change_learning_rate: bool = False) -> Path | None:
     """Train, checkpoint, export. Returns the exported file on the main process (None elsewhere)."""
+    with OutputLock(config.train.output_dir):  # a second run into the same folder refuses to start
+        return _train(config, resume, perceptual_net, change_learning_rate)
+
+
+def _train(config: TokenizerTrainConfig, resume: str | None, perceptual_net: nn.Module | None,
+           change_learning_rate: bool) -> Path | None:
     loop = config.train
     out = Path(loop.output_dir)
     accelerator = make_accelerator(loop)
@@ -193,6 +202,7 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
     if config.data.index_cache is None:
         config.data.index_cache = str(out / "data_index.json")
 
+    plan = plan_resume(resume, config, change_learning_rate)  # before the run config is rewritten
     write_run_config(accelerator, out, config)
     records, report = load_or_build_index(config.data, accelerator)
     if accelerator.is_main_process:
@@ -225,10 +235,8 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
     disc_plain = accelerator.unwrap_model(disc) if disc is not None else None
     last_layer = unwrapped.decoder_trunk.conv_out.weight
 
-    state = TrainerState(world_size=accelerator.num_processes)
-    ckpt = resolve_resume(resume, out)
-    if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt)
+    state = resume_from(accelerator, plan, optimizer, lr_scheduler)
+    guard = NonFiniteGuard(accelerator, loop.on_nonfinite, lambda: latest_complete_checkpoint(out)[0])
     init_trackers(accelerator, loop, config)
 
     sampler = ResumableSampler(len(records), loop.batch_size, seed=loop.seed, rank=accelerator.process_index,
@@ -254,13 +262,15 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
                 if disc_plain is not None:
                     disc_plain.requires_grad_(False)  # G step: gradients reach the generator only
                 total, logs = loss_fn.generator_loss(outputs, target, state.step, disc_plain, last_layer)
+            guard.note_loss(total)
             accelerator.backward(total)
             if accelerator.sync_gradients and loop.max_grad_norm:
                 norm = accelerator.clip_grad_norm_(model.parameters(), loop.max_grad_norm)
                 if norm is not None:  # DeepSpeed clips inside its engine and returns None
                     logs["grad_norm"] = torch.as_tensor(norm).float()
-            optimizer.step()
-            lr_scheduler.step()
+            if not (accelerator.sync_gradients and guard.skip_step(trainable, state.step + 1)):
+                optimizer.step()
+                lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if disc is not None and loss_fn.gan_active(state.step):
                 disc_plain.requires_grad_(True)
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_from:
         print(export_from_checkpoint(config, args.export_from, args.export_to))
         return
-    path = train(config, resume=args.resume)
+    path = train(config, resume=args.resume, change_learning_rate=args.change_learning_rate)
     if path is not None:
         print(f"DA-VAE written to {path}")
 

@@ -96,6 +96,10 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 def export_for_comfy(transformer: nn.Module, out_dir: str | os.PathLike, name: str, base_state: dict[str, torch.Tensor] | None,
                      alpha_keys: str = "auto", info: dict | None = None, lora_dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    from ..run_safety import check_finite_tensors
+    from .model import trained_parameters
+
+    check_finite_tensors(trained_parameters(transformer).items(), f"export to {out_dir}")  # what the files hold
     out = Path(out_dir)
     return {
         "lora": export_lora(transformer, out / f"{name}_lora.safetensors", alpha_keys, info, lora_dtype),

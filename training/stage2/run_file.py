@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..common import FINAL_DIR, RUN_CONFIG, find_latest_checkpoint
+from ..common import FINAL_DIR, RUN_CONFIG, latest_complete_checkpoint
 from ..config import load_config
 from .config import AdapterTrainConfig
 from .model import build_adapter_model, load_trained_state_dict, trained_parameters, unwrap
@@ -80,7 +80,7 @@ def load_run_for_export(run_dir: str | os.PathLike, checkpoint: str = "latest", 
     if checkpoint == "final":
         folder = run / FINAL_DIR
     elif checkpoint == "latest":
-        folder = run / FINAL_DIR if (run / FINAL_DIR / TRAINED_FILE).is_file() else find_latest_checkpoint(run)
+        folder = run / FINAL_DIR if (run / FINAL_DIR / TRAINED_FILE).is_file() else latest_complete_checkpoint(run)[0]
         if folder is None:
             raise FileNotFoundError(f"{run}: no checkpoint and no final/ yet")
     else:

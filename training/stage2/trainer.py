@@ -34,12 +34,13 @@ from ..common import (
     derive_seed,
     gather_rank_digests,
     init_trackers,
-    load_checkpoint,
+    latest_complete_checkpoint,
     logger,
     make_accelerator,
     maybe_inject_fault,
     progress_bar,
-    resolve_resume,
+    plan_resume,
+    resume_from,
     save_checkpoint,
     save_final_checkpoint,
     save_image_grid,
@@ -48,6 +49,7 @@ from ..common import (
     write_run_config,
 )
 from ..config import add_common_arguments, load_config
+from ..run_safety import NonFiniteGuard, OutputLock
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
 from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
 from .config import AdapterTrainConfig, load_davae_for_training
@@ -160,11 +162,17 @@ def build_dataloader(cfg: AdapterTrainConfig, accelerator, start_micro_batch: in
 
 
 # ---------------------------------------------------------------------------- the run
-def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
+def train(cfg: AdapterTrainConfig, resume: str | None = None, change_learning_rate: bool = False) -> dict[str, Any]:
+    with OutputLock(cfg.train.output_dir):  # a second run into the same folder refuses to start
+        return _train(cfg, resume, change_learning_rate)
+
+
+def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bool) -> dict[str, Any]:
     loop = cfg.train
     accelerator = make_accelerator(loop)
     setup_logging(accelerator, loop.output_dir)
     seed_everything(loop.seed)
+    plan = plan_resume(resume, cfg, change_learning_rate)  # before the run config is rewritten
     write_run_config(accelerator, loop.output_dir, cfg)
 
     model = build_adapter_model(cfg.model, gradient_checkpointing=loop.gradient_checkpointing).to(accelerator.device)
@@ -196,10 +204,8 @@ def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    state = TrainerState(world_size=accelerator.num_processes)
-    resume_path = resolve_resume(resume, loop.output_dir)
-    if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
+    state = resume_from(accelerator, plan, optimizer, lr_scheduler)
+    guard = NonFiniteGuard(accelerator, loop.on_nonfinite, lambda: latest_complete_checkpoint(loop.output_dir)[0])
 
     loader, cached = build_dataloader(cfg, accelerator, state.micro_batches)
     cond = Conditioning(cfg, accelerator.device, cached)
@@ -226,11 +232,13 @@ def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
 
             with accelerator.accumulate(model):
                 losses = flow_matching_loss(model_fn, latents, state.step, cfg.objective, gen)
+                guard.note_loss(losses["loss"])
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and loop.max_grad_norm:
                     accelerator.clip_grad_norm_(list(params.values()), loop.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                if not (accelerator.sync_gradients and guard.skip_step(params.values(), state.step + 1)):
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         state.step += 1
         if ema is not None:
@@ -293,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = add_common_arguments(argparse.ArgumentParser(prog="python -m davae_training.train_adapter", description=__doc__.split("\n\n")[0]))
     args = ap.parse_args(argv)
     cfg = load_config(AdapterTrainConfig, args.config, args.overrides)
-    return train(cfg, args.resume)
+    return train(cfg, args.resume, args.change_learning_rate)
 
 
 if __name__ == "__main__":
