@@ -49,6 +49,7 @@ from ..common import (
 )
 from ..config import add_common_arguments, config_to_dict, load_config
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
+from ..data.loader import make_training_loader
 from .config import FIXTURE_VAE, TokenizerModelConfig, TokenizerTrainConfig
 from .losses import PatchDiscriminator, TokenizerLoss, build_perceptual_loss
 from .stats import apply_detail_statistics, measure_detail_statistics
@@ -109,7 +110,13 @@ def stats_batches(config: TokenizerTrainConfig, records) -> Any:
     """Centre crops of a seeded sample of the training records, for the detail statistics."""
     from dataclasses import replace
 
-    data = replace(config.data, crop="center", random_flip=False)
+    data = replace(config.data, crop="center", random_flip=False, buckets=False)  # square crops: one shape
+    if records is None:  # a streamed source (data.format webdataset | hf)
+        from ..data.streams import StreamingBatches
+
+        for batch in StreamingBatches(data, config.stats.batch_size, seed=config.train.seed + 1):
+            yield batch["pixels"]
+        return
     dataset = ImageDataset(records, data, seed=config.train.seed + 1)
     sampler = ResumableSampler(len(records), config.stats.batch_size, seed=config.train.seed + 1)
     loader = make_dataloader(dataset, sampler, num_workers=0)
@@ -159,7 +166,7 @@ def export_from_checkpoint(config: TokenizerTrainConfig, checkpoint: str, out: s
         )
     model, _ = build_model(config)
     model.load_state_dict(state)
-    records, _ = load_or_build_index(config.data)
+    records = load_or_build_index(config.data)[0] if config.data.format == "folder" else None
     step = int(ckpt.name.rsplit("-", 1)[-1]) if ckpt.name.rsplit("-", 1)[-1].isdigit() else -1
     return export_model(config, model, records, step, Path(out) if out else None, {"checkpoint": ckpt.name})
 
@@ -194,11 +201,13 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
         config.data.index_cache = str(out / "data_index.json")
 
     write_run_config(accelerator, out, config)
-    records, report = load_or_build_index(config.data, accelerator)
-    if accelerator.is_main_process:
-        from dataclasses import asdict
+    records = None  # streamed sources (data.format webdataset | hf) have no index; they log skips as they go
+    if config.data.format == "folder":
+        records, report = load_or_build_index(config.data, accelerator)
+        if accelerator.is_main_process:
+            from dataclasses import asdict
 
-        write_json_atomic(out / "data_report.json", asdict(report))
+            write_json_atomic(out / "data_report.json", asdict(report))
 
     model, vae = build_model(config)
     vae.to(accelerator.device)
@@ -231,10 +240,9 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
         state = load_checkpoint(accelerator, ckpt)
     init_trackers(accelerator, loop, config)
 
-    sampler = ResumableSampler(len(records), loop.batch_size, seed=loop.seed, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes, start_micro_batch=state.micro_batches)
-    dataset = ImageDataset(records, config.data, seed=loop.seed)
-    batches = iter(make_dataloader(dataset, sampler, loop.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda"))
+    batches = iter(make_training_loader(config.data, loop.batch_size, loop.seed, accelerator.process_index,
+                                        accelerator.num_processes, state.micro_batches, loop.dataloader_num_workers,
+                                        accelerator, pin_memory=accelerator.device.type == "cuda"))
 
     bar = progress_bar(accelerator, loop.max_steps, state.step, "DA-VAE")
     model.train()

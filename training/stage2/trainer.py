@@ -48,7 +48,8 @@ from ..common import (
     write_run_config,
 )
 from ..config import add_common_arguments, load_config
-from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
+from ..data.images import ResumableSampler
+from ..data.loader import make_training_loader
 from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
 from .config import AdapterTrainConfig, load_davae_for_training
 from .model import build_adapter_model, make_ema, trained_parameters, unwrap
@@ -152,11 +153,8 @@ def build_dataloader(cfg: AdapterTrainConfig, accelerator, start_micro_batch: in
     images = cfg.data.images
     if images.index_cache is None:
         images.index_cache = str(Path(loop.output_dir) / "data_index.json")
-    records, _ = load_or_build_index(images, accelerator)
-    dataset = ImageDataset(records, images, seed=loop.seed)
-    sampler = ResumableSampler(len(dataset), loop.batch_size, loop.seed, accelerator.process_index,
-                               accelerator.num_processes, start_micro_batch)
-    return make_dataloader(dataset, sampler, loop.dataloader_num_workers), None
+    return make_training_loader(images, loop.batch_size, loop.seed, accelerator.process_index, accelerator.num_processes,
+                                start_micro_batch, loop.dataloader_num_workers, accelerator), None
 
 
 # ---------------------------------------------------------------------------- the run
