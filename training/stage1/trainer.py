@@ -181,12 +181,9 @@ def _save_grid(accelerator, config, model, vae, pixels: torch.Tensor, step: int)
         model.train()
         stock = ((stock_reconstruction(vae, img * 2 - 1).float() + 1) / 2).clamp(0, 1)
     path = save_image_grid([img.float(), stock, ours], Path(config.train.output_dir) / "samples" / f"step_{step:08d}.png")
-    for tracker in accelerator.trackers:
-        if getattr(tracker, "name", "") == "tensorboard":
-            import numpy as np
-            from PIL import Image
+    from ..tracker_images import log_image_file
 
-            tracker.writer.add_image("reconstruction (input | stock VAE | DA-VAE)", np.asarray(Image.open(path)), step, dataformats="HWC")
+    log_image_file(accelerator, "reconstruction (input | stock VAE | DA-VAE)", path, step)
 
 
 def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_net: nn.Module | None = None) -> Path | None:

@@ -242,7 +242,11 @@ def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
             accelerator.log(last, step=state.step)
             bar.set_postfix(loss=f"{last['loss']:.4f}", w=f"{last['detail_weight']:.2f}")
         if loop.image_every and state.step % loop.image_every == 0 and accelerator.is_main_process:
-            write_sample_grid(cfg, model, ema, cond, state.step)
+            grid = write_sample_grid(cfg, model, ema, cond, state.step)
+            if grid is not None:
+                from ..tracker_images import log_image_file
+
+                log_image_file(accelerator, "samples (EMA)" if cfg.sampling.use_ema else "samples", grid, state.step)
         if loop.checkpoint_every and state.step % loop.checkpoint_every == 0:
             save_checkpoint(accelerator, loop.output_dir, state, loop.checkpoints_total_limit)
         accelerator.wait_for_everyone()
