@@ -124,7 +124,8 @@ def test_gan_term_starts_at_its_step():
 
 
 def test_adaptive_gan_weight_balances_gradients():
-    cfg = TokenizerLossConfig(l1_weight=1, lpips_weight=0, kl_weight=0, align_weight=0, gan_weight=1.0, gan_adaptive_weight=True)
+    cfg = TokenizerLossConfig(l1_weight=1, lpips_weight=0, kl_weight=0, align_weight=0, gan_weight=1.0, gan_adaptive_weight=True,
+                              gan_start_step=0)
     layer = torch.nn.Conv2d(3, 3, 1)
     disc = PatchDiscriminator(3, channels=8, layers=1)
     x = torch.rand(1, 3, 32, 32)
@@ -146,3 +147,21 @@ def test_bad_loss_config_is_refused():
         TokenizerLossConfig(target="pixels")
     with pytest.raises(ValueError, match="lpips_backend"):
         TokenizerLossConfig(lpips_backend="vgg")
+
+
+def test_l1_on_zero_one_pixels_is_half_the_minus_one_one_distance_and_gan_waits_by_default():
+    torch.manual_seed(0)
+    base = torch.randn(2, 16, 4, 4)
+    rec, target = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    totals = {}
+    for rng in ("minus_one_one", "zero_one"):
+        cfg = TokenizerLossConfig(l1_weight=2.0, l1_pixel_range=rng, lpips_weight=0, kl_weight=0, align_weight=0)
+        totals[rng], _ = TokenizerLoss(cfg).generator_loss(_outputs(base, base, rec), target, 0)
+    direct01 = ((rec + 1) / 2 - (target + 1) / 2).abs().mean()
+    assert totals["zero_one"].item() == pytest.approx(2.0 * direct01.item(), rel=1e-5)
+    assert totals["minus_one_one"].item() == pytest.approx(2 * totals["zero_one"].item(), rel=1e-5)
+    cfg = TokenizerLossConfig(gan_weight=0.1)
+    assert cfg.gan_start_step > 0 and not TokenizerLoss(cfg, perceptual=None).gan_active(0)
+    assert TokenizerLoss(cfg, perceptual=None).gan_active(cfg.gan_start_step)
+    with pytest.raises(ValueError, match="l1_pixel_range"):
+        TokenizerLossConfig(l1_pixel_range="0-255")

@@ -391,3 +391,30 @@ def test_stage2_a_second_run_into_the_same_folder_refuses(sd35_folder, fixtures_
     with pytest.raises(RunLockError, match="running process"):
         ta.train(_cfg(out, sd35_folder, fixtures_dir, images))
     assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
+def test_authors_objective_config_runs_a_tiny_width_training(tmp_path, sd35_folder, fixtures_dir, images):
+    """sd35m_1024_authors.yaml (x0 target, min-SNR 5, shift 4, 10k ramp, T5 512) trains at fixture width."""
+    import math
+
+    import davae_training.stage2.trainer as ta
+    from davae_training.config import load_config
+    from davae_training.stage2.config import AdapterTrainConfig
+
+    authors = REPO / "training" / "configs" / "sd35m_1024_authors.yaml"
+    paper = load_config(AdapterTrainConfig, REPO / "training" / "configs" / "sd35m_1024.yaml", [])
+    args = _overrides(tmp_path / "run", sd35_folder, fixtures_dir, images, "train.max_steps=2", "train.checkpoint_every=0",
+                      "train.batch_size=2", "train.mixed_precision=no", "train.dataloader_num_workers=0",
+                      "train.gradient_checkpointing=false", "text.dtype=float32", "data.images.resize_short_side=false",
+                      "export.enabled=false", "sampling.resolution=64", "sampling.steps=2")
+    cfg = load_config(AdapterTrainConfig, authors, args[1::2])
+    o = cfg.objective
+    assert (o.prediction, o.min_snr_gamma, o.shift, o.detail_warmup_steps, cfg.text.max_sequence_length) == ("x0", 5.0, 4.0, 10000, 512)
+    assert (paper.objective.prediction, paper.objective.shift, paper.objective.detail_warmup_steps) == ("velocity", 3.0, 5000)
+    try:
+        summary = ta.train(cfg)
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert summary["step"] == 2 and math.isfinite(summary["last_logged"]["loss"]) and summary["last_logged"]["loss"] > 0

@@ -497,3 +497,31 @@ def test_output_lock_stale_and_foreign(tmp_path, caplog):
     write_lock(tmp_path, "another-host", os.getpid())
     with pytest.raises(RunLockError, match="host 'another-host'.*delete .*run.lock"):
         OutputLock(tmp_path).acquire()
+
+
+def test_webdataset_bucket_stage1_run_trains_and_exports(fixtures_dir, tmp_path):
+    """A two-step stage-1 run reading gzip WebDataset shards into aspect-ratio buckets, one corrupt sample."""
+    import io
+    import tarfile
+
+    from davae_training.stage1.trainer import train
+
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "shard-000.tar.gz"
+    with tarfile.open(shard, "w:gz") as tar:
+        for i, (h, w) in enumerate([(48, 96), (96, 48), (64, 64), (48, 96), (96, 48), (64, 64), (50, 50)]):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+            data = b"corrupt" if i == 6 else buf.getvalue()
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    overrides = _overrides(fixtures_dir, "unused", tmp_path / "run", **{
+        "data.sources": f"['{tmp_path}/shard-{{000..000}}.tar.gz']", "data.format": "webdataset", "data.buckets": "true",
+        "data.resolution": 48, "train.max_steps": 2, "train.checkpoint_every": 100, "train.image_every": 100,
+        "loss.gan_weight": 0, "stats.num_images": 2, "data.shuffle_buffer": 2})
+    config = load_config(TokenizerTrainConfig, TINY, overrides)
+    path = train(config)
+    assert path is not None and load_davae(path).normalizer is not None
+    summary = json.loads((tmp_path / "run" / "final" / "summary.json").read_text())
+    assert summary  # the run reached its end

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -62,8 +63,21 @@ class ImageDataConfig:
     max_images: int | None = None  # use the first N records (after sorting) only
     index_cache: str | None = None  # JSON index; trainers default it into their output_dir
     verify_images: bool = False  # fully decode every image while scanning (slower, catches truncation early)
+    # where the samples come from: "folder" (folders / uncompressed .tar shards, indexed once, exact
+    # resume), "webdataset" (shards streamed by the webdataset package, .tar or .tar.gz), "hf" (a
+    # Hugging Face dataset: save_to_disk folder, imagefolder folder or hub name); see data/streams.py
+    format: str = "folder"
+    buckets: bool = False  # aspect-ratio buckets (data/buckets.py) instead of square crops
+    bucket_max_aspect: float = 2.0  # the longest bucket side over the shortest
+    hf_image_column: str = "image"
+    hf_caption_column: str | None = "text"  # None or a missing column: empty captions
+    hf_split: str = "train"
+    streaming: bool = False  # hf: iterate without downloading/loading it all (order by shuffle buffer)
+    shuffle_buffer: int = 1000  # webdataset / streamed hf: samples shuffled within a buffer this big
 
     def __post_init__(self) -> None:
+        if self.format not in ("folder", "webdataset", "hf"):
+            raise ValueError(f"data.format must be 'folder', 'webdataset' or 'hf', got {self.format!r}")
         if self.crop not in ("random", "center"):
             raise ValueError(f"data.crop must be 'random' or 'center', got {self.crop!r}")
         if self.resolution <= 0:
@@ -399,6 +413,13 @@ class ImageDataset(Dataset):
         self.config = config
         self.seed = int(seed)
         self.read_failures = 0  # per worker process
+        self.buckets: list[tuple[int, int]] | None = None
+        self.bucket_of_record: list[int] | None = None
+        if config.buckets:
+            from .buckets import make_buckets, nearest_bucket
+
+            self.buckets = make_buckets(config.resolution, config.bucket_max_aspect)
+            self.bucket_of_record = [nearest_bucket(r.width, r.height, self.buckets) for r in records]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -409,19 +430,29 @@ class ImageDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         n = len(self.records)
         epoch, index = divmod(int(k), n)
-        for attempt in range(min(n, 16)):
-            i = (index + attempt) % n
+        same_bucket = (lambda i: True) if self.bucket_of_record is None else (
+            lambda i: self.bucket_of_record[i] == self.bucket_of_record[index])
+        candidates = itertools.islice((j for j in ((index + a) % n for a in range(n)) if same_bucket(j)), 16)
+        tried = 0
+        for i in candidates:  # a replacement comes from the same bucket: batches stay one shape
+            tried += 1
             rec = self.records[i]
             try:
                 img = load_rgb(rec)
-                pixels = crop_image(img, self.config.resolution, self.item_rng(epoch, i), self.config.crop,
-                                    self.config.resize_short_side, self.config.random_flip)
+                if self.buckets is not None:
+                    from .buckets import crop_to_bucket
+
+                    pixels = crop_to_bucket(img, self.buckets[self.bucket_of_record[i]], self.item_rng(epoch, i),
+                                            self.config.crop, self.config.random_flip)
+                else:
+                    pixels = crop_image(img, self.config.resolution, self.item_rng(epoch, i), self.config.crop,
+                                        self.config.resize_short_side, self.config.random_flip)
             except Exception as e:
                 self.read_failures += 1
                 logger.warning("skipping unreadable image %s (%s: %s); using the next one", rec.key, type(e).__name__, e)
                 continue
             return {"pixels": pixels, "caption": read_caption(rec), "key": rec.key, "index": i}
-        raise RuntimeError(f"16 images in a row from index {index} failed to load; is the data source intact?")
+        raise RuntimeError(f"{tried} images in a row from index {index} failed to load; is the data source intact?")
 
 
 class ResumableSampler(Sampler[int]):

@@ -26,6 +26,9 @@ PerceptualFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ([-1,1], 
 @dataclass
 class TokenizerLossConfig:
     l1_weight: float = 2.0
+    # pixels the L1 is measured on: "zero_one" as the authors' code does (half our [-1, 1] distance,
+    # so weight 2 there is weight 1 here) or "minus_one_one" (our model's native range)
+    l1_pixel_range: str = "minus_one_one"
     lpips_weight: float = 1.0
     lpips_backend: str = "auto"  # "auto" | "lpips" | "torchmetrics" | "fallback"
     lpips_net: str = "vgg"  # backbone for the real LPIPS: "vgg" | "alex" | "squeeze"
@@ -33,7 +36,9 @@ class TokenizerLossConfig:
     kl_weight: float = 1e-7
     align_weight: float = 1.0
     gan_weight: float = 0.0  # 0 disables the discriminator entirely
-    gan_start_step: int = 0  # optimizer step from which D trains and the adversarial term counts
+    # optimizer step from which D trains and the adversarial term counts: a random discriminator against
+    # a pretrained decoder hurts early (the authors' ImageNet recipe starts at 5001)
+    gan_start_step: int = 5001
     gan_adaptive_weight: bool = False  # VQGAN-style balance of the adversarial gradient
     disc_layers: int = 3
     disc_channels: int = 64
@@ -46,6 +51,10 @@ class TokenizerLossConfig:
             raise ValueError(f"loss.lpips_backend must be auto, lpips, torchmetrics or fallback, got {self.lpips_backend!r}")
         if self.target not in ("image", "stock_vae_reconstruction"):
             raise ValueError(f"loss.target must be 'image' or 'stock_vae_reconstruction', got {self.target!r}")
+        if self.l1_pixel_range not in ("zero_one", "minus_one_one"):
+            raise ValueError(f"loss.l1_pixel_range must be 'zero_one' or 'minus_one_one', got {self.l1_pixel_range!r}")
+        if self.gan_start_step < 0:
+            raise ValueError(f"loss.gan_start_step must be >= 0, got {self.gan_start_step}")
         if self.disc_norm not in ("group", "batch", "none"):
             raise ValueError(f"loss.disc_norm must be group, batch or none, got {self.disc_norm!r}")
 
@@ -243,6 +252,8 @@ class TokenizerLoss(nn.Module):
         rec = outputs["reconstruction"]
         logs: dict[str, torch.Tensor] = {}
         l1 = (rec.float() - target.float()).abs().mean()
+        if cfg.l1_pixel_range == "zero_one":
+            l1 = l1 * 0.5  # |a/2 - b/2|: the same distance on [0, 1] pixels
         nll = cfg.l1_weight * l1
         logs["l1"] = l1
         if self.perceptual is not None and cfg.lpips_weight > 0:

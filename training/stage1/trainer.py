@@ -50,6 +50,7 @@ from ..common import (
 from ..run_safety import NonFiniteGuard, OutputLock, check_finite_tensors
 from ..config import add_common_arguments, config_to_dict, load_config
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
+from ..data.loader import make_training_loader
 from .config import FIXTURE_VAE, TokenizerModelConfig, TokenizerTrainConfig
 from .losses import PatchDiscriminator, TokenizerLoss, build_perceptual_loss
 from .stats import apply_detail_statistics, measure_detail_statistics
@@ -110,7 +111,13 @@ def stats_batches(config: TokenizerTrainConfig, records) -> Any:
     """Centre crops of a seeded sample of the training records, for the detail statistics."""
     from dataclasses import replace
 
-    data = replace(config.data, crop="center", random_flip=False)
+    data = replace(config.data, crop="center", random_flip=False, buckets=False)  # square crops: one shape
+    if records is None:  # a streamed source (data.format webdataset | hf)
+        from ..data.streams import StreamingBatches
+
+        for batch in StreamingBatches(data, config.stats.batch_size, seed=config.train.seed + 1):
+            yield batch["pixels"]
+        return
     dataset = ImageDataset(records, data, seed=config.train.seed + 1)
     sampler = ResumableSampler(len(records), config.stats.batch_size, seed=config.train.seed + 1)
     loader = make_dataloader(dataset, sampler, num_workers=0)
@@ -161,7 +168,7 @@ def export_from_checkpoint(config: TokenizerTrainConfig, checkpoint: str, out: s
         )
     model, _ = build_model(config)
     model.load_state_dict(state)
-    records, _ = load_or_build_index(config.data)
+    records = load_or_build_index(config.data)[0] if config.data.format == "folder" else None
     step = int(ckpt.name.rsplit("-", 1)[-1]) if ckpt.name.rsplit("-", 1)[-1].isdigit() else -1
     return export_model(config, model, records, step, Path(out) if out else None, {"checkpoint": ckpt.name})
 
@@ -176,12 +183,9 @@ def _save_grid(accelerator, config, model, vae, pixels: torch.Tensor, step: int)
         model.train()
         stock = ((stock_reconstruction(vae, img * 2 - 1).float() + 1) / 2).clamp(0, 1)
     path = save_image_grid([img.float(), stock, ours], Path(config.train.output_dir) / "samples" / f"step_{step:08d}.png")
-    for tracker in accelerator.trackers:
-        if getattr(tracker, "name", "") == "tensorboard":
-            import numpy as np
-            from PIL import Image
+    from ..tracker_images import log_image_file
 
-            tracker.writer.add_image("reconstruction (input | stock VAE | DA-VAE)", np.asarray(Image.open(path)), step, dataformats="HWC")
+    log_image_file(accelerator, "reconstruction (input | stock VAE | DA-VAE)", path, step)
 
 
 def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_net: nn.Module | None = None,
@@ -204,11 +208,13 @@ def _train(config: TokenizerTrainConfig, resume: str | None, perceptual_net: nn.
 
     plan = plan_resume(resume, config, change_learning_rate)  # before the run config is rewritten
     write_run_config(accelerator, out, config)
-    records, report = load_or_build_index(config.data, accelerator)
-    if accelerator.is_main_process:
-        from dataclasses import asdict
+    records = None  # streamed sources (data.format webdataset | hf) have no index; they log skips as they go
+    if config.data.format == "folder":
+        records, report = load_or_build_index(config.data, accelerator)
+        if accelerator.is_main_process:
+            from dataclasses import asdict
 
-        write_json_atomic(out / "data_report.json", asdict(report))
+            write_json_atomic(out / "data_report.json", asdict(report))
 
     model, vae = build_model(config)
     vae.to(accelerator.device)
@@ -239,10 +245,9 @@ def _train(config: TokenizerTrainConfig, resume: str | None, perceptual_net: nn.
     guard = NonFiniteGuard(accelerator, loop.on_nonfinite, lambda: latest_complete_checkpoint(out)[0])
     init_trackers(accelerator, loop, config)
 
-    sampler = ResumableSampler(len(records), loop.batch_size, seed=loop.seed, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes, start_micro_batch=state.micro_batches)
-    dataset = ImageDataset(records, config.data, seed=loop.seed)
-    batches = iter(make_dataloader(dataset, sampler, loop.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda"))
+    batches = iter(make_training_loader(config.data, loop.batch_size, loop.seed, accelerator.process_index,
+                                        accelerator.num_processes, state.micro_batches, loop.dataloader_num_workers,
+                                        accelerator, pin_memory=accelerator.device.type == "cuda"))
 
     bar = progress_bar(accelerator, loop.max_steps, state.step, "DA-VAE")
     model.train()

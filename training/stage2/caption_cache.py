@@ -122,6 +122,10 @@ def build_cache(
 
     if config.cache_dir is None:
         raise ValueError("data.cache_dir is not set: say where the cache goes")
+    if config.images.buckets or config.images.format != "folder":
+        # shards hold one latent shape and are indexed by record; bucketed/streamed caches are not built yet
+        raise ValueError("data.cache_dir needs data.images.format: folder without data.images.buckets; "
+                         "drop data.cache_dir to encode bucketed or streamed images every step")
     root = Path(config.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     dtype = dtype_from_name(config.cache_dtype, "data.cache_dtype")

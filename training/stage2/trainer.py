@@ -50,7 +50,8 @@ from ..common import (
 )
 from ..config import add_common_arguments, load_config
 from ..run_safety import NonFiniteGuard, OutputLock
-from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
+from ..data.images import ResumableSampler
+from ..data.loader import make_training_loader
 from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
 from .config import AdapterTrainConfig, load_davae_for_training
 from .model import build_adapter_model, make_ema, trained_parameters, unwrap
@@ -154,11 +155,8 @@ def build_dataloader(cfg: AdapterTrainConfig, accelerator, start_micro_batch: in
     images = cfg.data.images
     if images.index_cache is None:
         images.index_cache = str(Path(loop.output_dir) / "data_index.json")
-    records, _ = load_or_build_index(images, accelerator)
-    dataset = ImageDataset(records, images, seed=loop.seed)
-    sampler = ResumableSampler(len(dataset), loop.batch_size, loop.seed, accelerator.process_index,
-                               accelerator.num_processes, start_micro_batch)
-    return make_dataloader(dataset, sampler, loop.dataloader_num_workers), None
+    return make_training_loader(images, loop.batch_size, loop.seed, accelerator.process_index, accelerator.num_processes,
+                                start_micro_batch, loop.dataloader_num_workers, accelerator), None
 
 
 # ---------------------------------------------------------------------------- the run
@@ -252,7 +250,11 @@ def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bo
             accelerator.log(last, step=state.step)
             bar.set_postfix(loss=f"{last['loss']:.4f}", w=f"{last['detail_weight']:.2f}")
         if loop.image_every and state.step % loop.image_every == 0 and accelerator.is_main_process:
-            write_sample_grid(cfg, model, ema, cond, state.step)
+            grid = write_sample_grid(cfg, model, ema, cond, state.step)
+            if grid is not None:
+                from ..tracker_images import log_image_file
+
+                log_image_file(accelerator, "samples (EMA)" if cfg.sampling.use_ema else "samples", grid, state.step)
         if loop.checkpoint_every and state.step % loop.checkpoint_every == 0:
             save_checkpoint(accelerator, loop.output_dir, state, loop.checkpoints_total_limit)
         accelerator.wait_for_everyone()
