@@ -78,6 +78,7 @@ class TrainLoopConfig:
     project_name: str = "davae"
     dataloader_num_workers: int = 2
     gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # "adamw" | "adamw_8bit" (bitsandbytes; see optimizers.py)
     allow_tf32: bool = True
 
 

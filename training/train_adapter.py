@@ -60,6 +60,7 @@ from .common import (
     setup_logging,
     write_json_atomic,
 )
+from .optimizers import make_optimizer
 from .image_data import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
 from .text_encoding import TextConfig, build_text_conditioner
 
@@ -301,8 +302,7 @@ def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
     logger.info("training %d tensors (%.2fM values): LoRA r=%d alpha=%g on %s, plus P, P', O, O'",
                 len(params), sum(p.numel() for p in params.values()) / 1e6, cfg.model.lora_rank, cfg.model.lora_alpha,
                 ", ".join(cfg.model.lora_targets))
-    optimizer = torch.optim.AdamW(list(params.values()), lr=loop.learning_rate, betas=(loop.adam_beta1, loop.adam_beta2),
-                                  weight_decay=loop.adam_weight_decay, eps=loop.adam_epsilon)
+    optimizer = make_optimizer(params.values(), loop)
     # accelerate steps a prepared scheduler once per process per optimizer step
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=loop.lr_warmup_steps * accelerator.num_processes)
