@@ -289,9 +289,9 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - start)
-        log(f"step {step + 1}/{steps}: {step_times[-1]:.2f} s, loss {float(total):.4f}")
+        log(f"step {step + 1}/{steps}: {step_times[-1]:.2f} s, loss {total.item():.4f}")
         if not torch.isfinite(total):
-            raise RuntimeError(f"step {step + 1}: the loss is {float(total)}")
+            raise RuntimeError(f"step {step + 1}: the loss is {total.item()}")
     return {**info, "step_seconds": step_times}
 
 
