@@ -220,3 +220,8 @@ def test_sampling_plan_ratios_at_full_size():
     assert 3.9 < ratio < 6  # 4x the tokens, and attention grows faster
     assert s["stock_2048"]["forward_flops"] / s["da_2048"]["forward_flops"] > ratio
     assert s["da_1024"]["forward_flops"] == pytest.approx(s["stock_512"]["forward_flops"], rel=0.01)
+
+
+def test_a_low_precision_base_without_autocast_is_refused():
+    with pytest.raises(ValueError, match="mixed_precision=bf16"):
+        _preflight("sd35m_1024_80gb.yaml", "train.mixed_precision=no", steps=1)

@@ -153,6 +153,13 @@ def prepare_adapter_model(transformer: SD3Transformer2DModel, cfg: AdapterModelC
     return transformer
 
 
+def check_base_dtype(base_dtype: str, mixed_precision: str) -> None:
+    """A bf16/fp8 base beside fp32 trained tensors only runs under autocast."""
+    if base_dtype != "float32" and mixed_precision not in ("bf16", "fp16"):
+        raise ValueError(f"model.base_dtype={base_dtype} needs train.mixed_precision=bf16 (autocast); "
+                         f"got {mixed_precision!r}: set train.mixed_precision=bf16 or model.base_dtype=float32")
+
+
 def store_frozen_base(transformer: nn.Module, base_dtype: str) -> None:
     """Trained tensors in float32 (master weights), the frozen rest in ``base_dtype``.
 

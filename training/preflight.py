@@ -134,7 +134,10 @@ def run_stage2(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
     from .adapter_objective import flow_matching_loss
     from .optimizers import make_optimizer
 
+    from .adapter_model import check_base_dtype
+
     loop = cfg.train
+    check_base_dtype(cfg.model.base_dtype, loop.mixed_precision)
     torch.manual_seed(loop.seed)
     model, davae, tokens, source = build_stage2(cfg, toy, device)
     model.train()

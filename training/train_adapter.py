@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from .adapter_model import (
     AdapterModelConfig,
     build_adapter_model,
+    check_base_dtype,
     load_trained_state_dict,
     make_ema,
     trained_parameters,
@@ -295,6 +296,7 @@ def train(cfg: AdapterTrainConfig, resume: str | None = None) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
+    check_base_dtype(cfg.model.base_dtype, loop.mixed_precision)
     model = build_adapter_model(cfg.model, gradient_checkpointing=loop.gradient_checkpointing).to(accelerator.device)
     model.train()
     base_heads = stock_head_state(model)  # the export ships P and O only if training moved them

@@ -261,8 +261,9 @@ def train(config: TokenizerTrainConfig, resume: str | None = None, perceptual_ne
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger.info("DA-VAE: %.2fM trainable of %.2fM parameters", sum(p.numel() for p in trainable) / 1e6,
                 sum(p.numel() for p in model.parameters()) / 1e6)
-    optimizer = torch.optim.AdamW(trainable, lr=loop.learning_rate, betas=(loop.adam_beta1, loop.adam_beta2),
-                                  weight_decay=loop.adam_weight_decay, eps=loop.adam_epsilon)
+    from .optimizers import make_optimizer
+
+    optimizer = make_optimizer(trainable, loop)
     # Stepped by us once per optimizer step (a prepared scheduler steps once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(loop.lr_warmup_steps))
     perceptual = build_perceptual_loss(config.loss, perceptual_net) if config.loss.lpips_weight > 0 else None
