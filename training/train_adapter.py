@@ -427,6 +427,8 @@ def finish(cfg: AdapterTrainConfig, accelerator, model, ema, state: TrainerState
             logger.info("exported for ComfyUI: %s", summary["export"])
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_initialized():  # tear gloo down while every rank is alive: at exit it can hang
+        torch.distributed.destroy_process_group()
     return summary
 
 
