@@ -129,7 +129,25 @@ def build_stage2(cfg, toy: bool, device: torch.device):
     return model, davae, tokens, source
 
 
-def run_stage2(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[str, Any]:
+def compute_in_float32(model: nn.Module, storage: torch.dtype) -> None:
+    """Frozen Linear/Conv weights stay in ``storage`` and are cast to float32 layer by layer
+    (diffusers' layerwise casting); the small rest (norm weights) goes to float32.  For CPUs,
+    where torch's bfloat16 GEMM is a slow reference loop unless the CPU has AVX512-BF16/AMX."""
+    import re
+
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+
+    skip = ("lora_", "pos_embed.proj", "proj_out")  # trained tensors: already float32
+    apply_layerwise_casting(model, storage_dtype=storage, compute_dtype=torch.float32, skip_modules_pattern=skip)
+    for name, module in model.named_modules():
+        hooked = isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not any(re.search(p, name) for p in skip)
+        if not hooked:
+            for p in module.parameters(recurse=False):
+                p.data = p.data.float()
+
+
+def run_stage2(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float32: bool = True) -> dict[str, Any]:
     from .adapter_model import make_ema, trained_parameters
     from .adapter_objective import flow_matching_loss
     from .optimizers import make_optimizer
@@ -140,6 +158,10 @@ def run_stage2(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
     check_base_dtype(cfg.model.base_dtype, loop.mixed_precision)
     torch.manual_seed(loop.seed)
     model, davae, tokens, source = build_stage2(cfg, toy, device)
+    autocast = loop.mixed_precision
+    if device.type == "cpu" and cfg.model.base_dtype == "bfloat16" and cpu_float32:
+        compute_in_float32(model, torch.bfloat16)
+        autocast = "no"
     model.train()
     params = trained_parameters(model)
     optimizer = make_optimizer(params.values(), loop)
@@ -154,13 +176,13 @@ def run_stage2(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
         "hidden": net_cfg.num_attention_heads * net_cfg.attention_head_dim, "resolution": res,
         "latent_shape": [1, net_cfg.in_channels, side, side], "text_tokens": tokens,
         "params_total": _count(model), "params_trained": _count(model, True),
-        "base_dtype": cfg.model.base_dtype, "mixed_precision": loop.mixed_precision, "optimizer": loop.optimizer,
+        "base_dtype": cfg.model.base_dtype, "mixed_precision": loop.mixed_precision, "autocast": autocast, "optimizer": loop.optimizer,
         "gradient_checkpointing": loop.gradient_checkpointing, "encodes_images": davae is not None,
     }
     log(f"preflight stage 2: {source}; {info['layers']} layers x {info['hidden']} wide; "
         f"{info['params_total'] / 1e6:.1f}M parameters, {info['params_trained'] / 1e6:.1f}M trained; "
         f"batch 1 at {res}px = latents {tuple(info['latent_shape'])}, {tokens} text tokens; base {cfg.model.base_dtype}, "
-        f"autocast {loop.mixed_precision}, {loop.optimizer}, gradient checkpointing {'on' if loop.gradient_checkpointing else 'off'}"
+        f"autocast {autocast}{' (CPU: float32 compute)' if autocast != loop.mixed_precision else ''}, {loop.optimizer}, gradient checkpointing {'on' if loop.gradient_checkpointing else 'off'}"
         f"{', DA-VAE encode per step' if davae is not None else ''}")
     gen = torch.Generator(device=device).manual_seed(loop.seed)
     step_times = []
@@ -178,7 +200,7 @@ def run_stage2(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
         def model_fn(x_t, t):
             return model(hidden_states=x_t, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
 
-        with _autocast(device, loop.mixed_precision):
+        with _autocast(device, autocast):
             losses = flow_matching_loss(model_fn, latents, step, cfg.objective, gen)
         losses["loss"].backward()
         if loop.max_grad_norm:
@@ -228,7 +250,7 @@ class RandomVGG16Features(nn.Module):
         return dist
 
 
-def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[str, Any]:
+def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float32: bool = True) -> dict[str, Any]:
     from .optimizers import make_optimizer
     from .tokenizer_losses import PatchDiscriminator, RandomFeaturePerceptual, TokenizerLoss, build_perceptual_loss, hinge_d_loss
     from .train_tokenizer import build_model, make_target
@@ -255,12 +277,14 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
         disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers, cfg.loss.disc_norm).to(device)
         opt_d = make_optimizer(disc.parameters(), loop)
     res = cfg.data.resolution
+    # stage 1 keeps fp32 weights; on a CPU bf16 autocast only slows it down (reference bf16 GEMM/conv)
+    autocast = "no" if device.type == "cpu" and cpu_float32 else loop.mixed_precision
     info = {"stage": "stage1", "model": source, "resolution": res, "params_total": _count(model),
             "params_trained": _count(model, True), "discriminator": disc is not None,
-            "mixed_precision": loop.mixed_precision, "optimizer": loop.optimizer,
+            "mixed_precision": loop.mixed_precision, "autocast": autocast, "optimizer": loop.optimizer,
             "gradient_checkpointing": loop.gradient_checkpointing}
     log(f"preflight stage 1: DA-VAE on {source}; {info['params_total'] / 1e6:.1f}M parameters, "
-        f"{info['params_trained'] / 1e6:.1f}M trained; batch 1 at {res}px; autocast {loop.mixed_precision}, {loop.optimizer}, "
+        f"{info['params_trained'] / 1e6:.1f}M trained; batch 1 at {res}px; autocast {autocast}, {loop.optimizer}, "
         f"gradient checkpointing {'on' if loop.gradient_checkpointing else 'off'}, "
         f"LPIPS {'VGG16-shaped, random weights' if perceptual is not None else 'off'}, GAN {'on' if disc is not None else 'off'}")
     gen = torch.Generator(device=device).manual_seed(loop.seed)
@@ -270,7 +294,7 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
         start = time.perf_counter()
         pixels = torch.rand(1, 3, res, res, generator=gen, device=device)
         # the generator and discriminator updates of train_tokenizer.train, without accelerate
-        with _autocast(device, loop.mixed_precision):
+        with _autocast(device, autocast):
             target = make_target(cfg, vae, pixels)
             outputs = model(pixels, sample_posterior=True, generator=gen)
             if disc is not None:
@@ -283,7 +307,7 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
         optimizer.zero_grad(set_to_none=True)
         if disc is not None and loss_fn.gan_active(step):
             disc.requires_grad_(True)
-            with _autocast(device, loop.mixed_precision):
+            with _autocast(device, autocast):
                 real, fake = disc(torch.cat([target, outputs["reconstruction"].detach()])).chunk(2)
                 d_loss = hinge_d_loss(real, fake)
             d_loss.backward()
@@ -300,7 +324,7 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log) -> dict[st
 
 # ---------------------------------------------------------------------------- command line
 def preflight(config: str | Path, steps: int = 1, overrides: list[str] | tuple[str, ...] = (), toy: bool = False,
-              device: str = "auto", out: str | Path | None = None, log=print) -> dict[str, Any]:
+              device: str = "auto", out: str | Path | None = None, log=print, cpu_float32: bool = True) -> dict[str, Any]:
     stage = detect_stage(config)
     dev = _device(device)
     if dev.type == "cuda":
@@ -309,12 +333,12 @@ def preflight(config: str | Path, steps: int = 1, overrides: list[str] | tuple[s
         from .train_adapter import AdapterTrainConfig
 
         cfg = load_config(AdapterTrainConfig, config, overrides)
-        result = run_stage2(cfg, steps, toy, dev, log)
+        result = run_stage2(cfg, steps, toy, dev, log, cpu_float32)
     else:
         from .train_tokenizer import TokenizerTrainConfig
 
         cfg = load_config(TokenizerTrainConfig, config, overrides)
-        result = run_stage1(cfg, steps, toy, dev, log)
+        result = run_stage1(cfg, steps, toy, dev, log, cpu_float32)
     peak, how = peak_memory_bytes(dev)
     result.update({"config": str(config), "overrides": list(overrides), "toy": toy, "device": str(dev),
                    "peak_memory_bytes": peak, "peak_memory_kind": how, "torch": torch.__version__})
@@ -334,13 +358,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=None, help="folder for preflight.json")
     ap.add_argument("--toy", action="store_true", help="the architecture at toy width (CPU tests)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="on a CPU, compute in bf16 as the config says (default: float32 compute, bf16 storage kept)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config entry (repeatable), as for the trainers")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     return preflight(args.config, args.steps, args.overrides, args.toy, args.device, args.out,
-                     log=lambda s: print(s, flush=True))
+                     log=lambda s: print(s, flush=True), cpu_float32=not args.cpu_bf16)
 
 
 if __name__ == "__main__":
