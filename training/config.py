@@ -46,6 +46,7 @@ class TrainLoopConfig:
     project_name: str = "davae"
     dataloader_num_workers: int = 2
     gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # "adamw" | "adamw_8bit" (bitsandbytes; see optimizers.py)
     allow_tf32: bool = True
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" that optimizer step
 

@@ -49,6 +49,7 @@ from ..common import (
 )
 from ..run_safety import NonFiniteGuard, OutputLock, check_finite_tensors
 from ..config import add_common_arguments, config_to_dict, load_config
+from ..optimizers import make_optimizer
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
 from ..data.loader import make_training_loader
 from .config import FIXTURE_VAE, TokenizerModelConfig, TokenizerTrainConfig
@@ -221,8 +222,7 @@ def _train(config: TokenizerTrainConfig, resume: str | None, perceptual_net: nn.
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger.info("DA-VAE: %.2fM trainable of %.2fM parameters", sum(p.numel() for p in trainable) / 1e6,
                 sum(p.numel() for p in model.parameters()) / 1e6)
-    optimizer = torch.optim.AdamW(trainable, lr=loop.learning_rate, betas=(loop.adam_beta1, loop.adam_beta2),
-                                  weight_decay=loop.adam_weight_decay, eps=loop.adam_epsilon)
+    optimizer = make_optimizer(trainable, loop)
     # accelerate steps a prepared scheduler once per process per optimizer step
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=loop.lr_warmup_steps * accelerator.num_processes)

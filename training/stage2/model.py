@@ -30,13 +30,17 @@ from davae_core.heads import DAHeads, attach_to_sd3_transformer, heads_config_fo
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
+# model.base_dtype -> the dtype the frozen base is loaded in (float8 is cast layer by layer after)
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float8": torch.bfloat16}
+# layers never stored in float8: the trained heads, norms, LoRA, the patch embedding
+FP8_SKIP = ("pos_embed", "norm", "proj_out", "lora_", "context_embedder", "time_text_embed")
 
 
 @dataclass
 class AdapterModelConfig:
     """How the trained model is built; the ``model:`` section of a stage-2 config."""
 
-    pretrained: str = ""  # diffusers SD3.5 folder (with transformer/) or a transformer folder
+    pretrained: str = ""  # diffusers SD3.5 folder (with transformer/), a transformer folder or a single .safetensors
     detail_channels: int = 16
     lora_rank: int = 256
     lora_alpha: float = 256.0
@@ -47,10 +51,17 @@ class AdapterModelConfig:
     # "zero": P', O' start at zero (the paper's warm start); "random": PyTorch's default init,
     # the "without zero-init" ablation of Table 5
     heads_init: str = "zero"
+    # the frozen base's storage: "float32" | "bfloat16" | "float8" (e4m3 storage, bf16 compute);
+    # trained tensors (LoRA, P, P', O, O') stay float32 either way
+    base_dtype: str = "float32"
+    # what preflight and bench.plan build when there are no weights: "sd35m" | "sd35l" (architectures.py)
+    architecture: str = "sd35m"
 
     def __post_init__(self) -> None:
         if self.heads_init not in ("zero", "random"):
             raise ValueError(f"model.heads_init must be 'zero' or 'random', got {self.heads_init!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"model.base_dtype must be one of {sorted(BASE_DTYPES)}, got {self.base_dtype!r}")
 
 
 def resolve_transformer_dir(path: str | Path) -> Path:
@@ -68,8 +79,13 @@ def resolve_transformer_dir(path: str | Path) -> Path:
 
 
 def load_base_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
-    folder = resolve_transformer_dir(path)
-    model = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
+    from ..sd35_single_file import is_single_file, load_single_file_transformer
+
+    if is_single_file(path):  # sd3.5_medium.safetensors, as ComfyUI loads it
+        folder, model = Path(path), load_single_file_transformer(path, dtype)
+    else:
+        folder = resolve_transformer_dir(path)
+        model = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
     if model.config.in_channels != model.config.out_channels or getattr(model.pos_embed, "proj", None) is None:
         raise ValueError(f"{folder}: expected a stock SD3 transformer, got in/out channels "
                          f"{model.config.in_channels}/{model.config.out_channels}")
@@ -106,6 +122,8 @@ def add_lora(transformer: SD3Transformer2DModel, cfg: AdapterModelConfig) -> Non
 def build_adapter_model(cfg: AdapterModelConfig, gradient_checkpointing: bool = False,
                         dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
     """Stock transformer -> frozen, + LoRA, + zero-init DA heads, with P, P', O, O' trainable."""
+    if cfg.base_dtype != "float32":
+        dtype = BASE_DTYPES[cfg.base_dtype]
     transformer = load_base_transformer(cfg.pretrained, dtype)
     return prepare_adapter_model(transformer, cfg, gradient_checkpointing)
 
@@ -131,7 +149,31 @@ def prepare_adapter_model(transformer: SD3Transformer2DModel, cfg: AdapterModelC
             p.requires_grad_(True)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    store_frozen_base(transformer, cfg.base_dtype)
     return transformer
+
+
+def check_base_dtype(base_dtype: str, mixed_precision: str) -> None:
+    """A bf16/fp8 base beside fp32 trained tensors only runs under autocast."""
+    if base_dtype != "float32" and mixed_precision not in ("bf16", "fp16"):
+        raise ValueError(f"model.base_dtype={base_dtype} needs train.mixed_precision=bf16 (autocast); "
+                         f"got {mixed_precision!r}: set train.mixed_precision=bf16 or model.base_dtype=float32")
+
+
+def store_frozen_base(transformer: nn.Module, base_dtype: str) -> None:
+    """Trained tensors in float32 (master weights), the frozen rest in ``base_dtype``.
+
+    Mixed dtypes need autocast (``train.mixed_precision: bf16``) for the forward pass.
+    """
+    if base_dtype == "float32":  # as loaded
+        return
+    for p in transformer.parameters():
+        p.data = p.data.float() if p.requires_grad else p.data.to(BASE_DTYPES[base_dtype])
+    if base_dtype == "float8":
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16,
+                                skip_modules_pattern=FP8_SKIP)
 
 
 def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

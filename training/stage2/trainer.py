@@ -54,7 +54,8 @@ from ..data.images import ResumableSampler
 from ..data.loader import make_training_loader
 from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
 from .config import AdapterTrainConfig, load_davae_for_training
-from .model import build_adapter_model, make_ema, trained_parameters, unwrap
+from ..optimizers import make_optimizer
+from .model import build_adapter_model, check_base_dtype, make_ema, trained_parameters, unwrap
 from .objective import drop_prompts, flow_matching_loss
 from .run_file import EMA_FILE, TRAINED_FILE, load_trained, run_info, save_trained, stock_head_state
 from .sampler import sample_latents
@@ -173,6 +174,7 @@ def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bo
     plan = plan_resume(resume, cfg, change_learning_rate)  # before the run config is rewritten
     write_run_config(accelerator, loop.output_dir, cfg)
 
+    check_base_dtype(cfg.model.base_dtype, loop.mixed_precision)
     model = build_adapter_model(cfg.model, gradient_checkpointing=loop.gradient_checkpointing).to(accelerator.device)
     model.train()
     base_heads = stock_head_state(model)  # the export ships P and O only if training moved them
@@ -180,8 +182,7 @@ def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bo
     logger.info("training %d tensors (%.2fM values): LoRA r=%d alpha=%g on %s, plus P, P', O, O'",
                 len(params), sum(p.numel() for p in params.values()) / 1e6, cfg.model.lora_rank, cfg.model.lora_alpha,
                 ", ".join(cfg.model.lora_targets))
-    optimizer = torch.optim.AdamW(list(params.values()), lr=loop.learning_rate, betas=(loop.adam_beta1, loop.adam_beta2),
-                                  weight_decay=loop.adam_weight_decay, eps=loop.adam_epsilon)
+    optimizer = make_optimizer(params.values(), loop)
     # accelerate steps a prepared scheduler once per process per optimizer step
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=loop.lr_warmup_steps * accelerator.num_processes)
@@ -296,6 +297,8 @@ def finish(cfg: AdapterTrainConfig, accelerator, model, ema, state: TrainerState
             logger.info("exported for ComfyUI: %s", summary["export"])
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_initialized():  # tear gloo down while every rank is alive: at exit it can hang
+        torch.distributed.destroy_process_group()
     return summary
 
 
