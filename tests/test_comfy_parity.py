@@ -3,7 +3,7 @@
     COMFYUI_PATH=/path/to/ComfyUI-0.8.0 python -m pytest tests/test_comfy_parity.py
 
 The tiny SD3.5-like transformer of the fixtures is trained for a few steps (LoRA, P, P', O, O'
-all move), exported with :mod:`davae_training.export_comfy`, then loaded into ComfyUI the way
+all move), exported with :mod:`davae_training.stage2.export`, then loaded into ComfyUI the way
 a user's graph does it: the stock weights through ``comfy.sd.load_diffusion_model_state_dict``,
 the LoRA through ComfyUI's own ``comfy.sd.load_lora_for_models``, and the heads file attached
 as object patches built from :mod:`davae_core.heads` (what the node pack does; the pack itself
@@ -63,9 +63,9 @@ def trained(tmp_path_factory):
     """A tiny transformer after 3 AdamW steps of the stage-2 objective, and its exported files."""
     _import_davae_training()
     from davae_core.fixtures import TINY_TRANSFORMER_CONFIG, tiny_transformer
-    from davae_training.adapter_model import AdapterModelConfig, prepare_adapter_model, trained_parameters
-    from davae_training.adapter_objective import FlowObjectiveConfig, flow_matching_loss
-    from davae_training.export_comfy import export_for_comfy
+    from davae_training.stage2.model import AdapterModelConfig, prepare_adapter_model, trained_parameters
+    from davae_training.stage2.objective import FlowObjectiveConfig, flow_matching_loss
+    from davae_training.stage2.export import export_for_comfy
 
     stock = tiny_transformer(seed=0)
     base_state = {k: v.clone() for k, v in stock.state_dict().items()}

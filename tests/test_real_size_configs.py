@@ -183,7 +183,7 @@ def test_ddp_config_launches_two_processes_on_cpu(tmp_path, fixtures_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\na bowl of ramen\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "davae_training.synthetic_data", "--generator", "standin", "--prompts", str(prompts),
+    r = subprocess.run([sys.executable, "-m", "davae_training.data.synthetic", "--generator", "standin", "--prompts", str(prompts),
                         "--out", str(images), "--resolution", "64", "--per-prompt", "2"], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "run"
