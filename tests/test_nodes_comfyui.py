@@ -11,6 +11,7 @@ What is substituted for files the tiny fixtures cannot provide is listed in comf
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -282,6 +283,76 @@ def test_stock_samplers_lora_after_patch_previews_and_denoised_output(comfy):
     # two samplers x 2 steps; each preview is (format, image, max size) at the base channels' grid (8x8 cells)
     assert len(previews) == 4 and all(p[1].size == (8, 8) for p in previews)
     assert sizes == {"17": [(128, 128)], "18": [(128, 128)], "19": [(128, 128)]}
+
+
+def _preview_prompt(seed: int) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3_tiny.safetensors"}},
+        "2": {"class_type": "DASD3ModelPatch", "inputs": {"model": ["1", 0], "heads": "da_heads_tiny.safetensors"}},
+        "3": {"class_type": "DATestConditioning", "inputs": {"text": "a fox"}},
+        "4": {"class_type": "DAEmptyStructuredLatent", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "seed": seed, "steps": 3, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "DAVAELoader", "inputs": {"davae_name": "davae_tiny.safetensors", "dtype": "default"}},
+        "7": {"class_type": "DAStructuredLatentDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0], "tile_size": 0, "overlap": 0}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
+
+
+def _write_sd3_taesd_decoder(path: Path) -> None:
+    """A random-weight taesd3 decoder in ComfyUI's layout (decoder state dict, 16 latent channels)."""
+    from comfy.taesd.taesd import Decoder
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {k: v.shape for k, v in Decoder(latent_channels=16).state_dict().items()}
+    save_file({k: torch.randn(shape, generator=gen) * 0.05 for k, shape in shapes.items()}, str(path))
+
+
+@pytest.fixture
+def vae_approx_dir(comfy, tmp_path):
+    """A temporary models/vae_approx folder, taken out of ComfyUI's search paths afterwards."""
+    import folder_paths
+
+    folder = tmp_path / "vae_approx"
+    folder.mkdir()
+    folder_paths.add_model_folder_path("vae_approx", str(folder))
+    yield folder
+    folder_paths.folder_names_and_paths["vae_approx"][0].remove(str(folder))
+    folder_paths.filename_list_cache.pop("vae_approx", None)
+
+
+def _taesd_warnings(caplog) -> list:
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and "TAESD" in r.getMessage()]
+
+
+def test_taesd_previews_of_base_channels_use_sd3_taesd(comfy, vae_approx_dir, caplog, monkeypatch):
+    """Preview method 'taesd' with a taesd3 decoder: previews decode the 16 base channels through
+    SD3's TAESD (8x upscale of the 8x8 base grid), no warning."""
+    import latent_preview
+
+    _write_sd3_taesd_decoder(vae_approx_dir / "taesd3_decoder.safetensors")
+    decoded: list = []
+    original = latent_preview.TAESDPreviewerImpl.decode_latent_to_preview
+    monkeypatch.setattr(latent_preview.TAESDPreviewerImpl, "decode_latent_to_preview",
+                        lambda self, x0: decoded.append(x0.shape) or original(self, x0))
+    previews: list = []
+    with caplog.at_level(logging.WARNING):
+        harness.run_prompt(_preview_prompt(3), preview_method="taesd", on_preview=previews.append)
+    assert decoded == [torch.Size([1, 16, 8, 8])] * 3
+    assert len(previews) == 3 and all(p[1].size == (64, 64) for p in previews)
+    assert _taesd_warnings(caplog) == []
+
+
+def test_taesd_previews_without_the_decoder_fall_back_with_no_warning_per_step(comfy, vae_approx_dir, caplog):
+    """Preview method 'taesd', no taesd3 file: Latent2RGB previews of the base channels (8x8) and at
+    most ComfyUI's own one warning per sampler run, never one per step."""
+    previews: list = []
+    with caplog.at_level(logging.WARNING):
+        harness.run_prompt(_preview_prompt(4), preview_method="taesd", on_preview=previews.append)
+    assert len(previews) == 3 and all(p[1].size == (8, 8) for p in previews)
+    assert len(_taesd_warnings(caplog)) <= 1
 
 
 # ------------------------------------------------------------------ VAE and latent nodes
