@@ -100,3 +100,40 @@ def diffusers_to_mmdit(state: dict[str, torch.Tensor], prefix: str = "model.diff
     if left:
         raise KeyError(f"no MMDiT name for {len(left)} diffusers keys, e.g. {left[:3]}")
     return out
+
+
+def mmdit_to_diffusers(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`diffusers_to_mmdit` (keys without prefix)."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, target in _TOP.items():
+        for end in ("weight", "bias"):
+            key = f"{target}.{end}"
+            if key in state:
+                out[f"{name}.{end}"] = _swap_halves(state[key]) if name == "norm_out.linear" else state[key]
+                used.add(key)
+    if "pos_embed" in state:
+        out["pos_embed.pos_embed"] = state["pos_embed"]
+        used.add("pos_embed")
+    for i in range(depth):
+        src, dst = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
+        for name, target in _BLOCK.items():
+            for end in ("weight", "bias"):
+                key = f"{src}{target}.{end}"
+                if key in state:
+                    value = state[key]
+                    if name == "norm1_context.linear" and i == depth - 1:  # continuous adaLN: (scale, shift)
+                        value = _swap_halves(value)
+                    out[f"{dst}{name}.{end}"] = value
+                    used.add(key)
+        for target, parts in _FUSED.items():
+            for end in ("weight", "bias"):
+                key = f"{src}{target}.{end}"
+                if key in state:
+                    for part, chunk in zip(parts, state[key].chunk(3, dim=0)):
+                        out[f"{dst}{part}.{end}"] = chunk
+                    used.add(key)
+    left = sorted(set(state) - used)
+    if left:
+        raise KeyError(f"no diffusers name for {len(left)} MMDiT keys, e.g. {left[:3]}")
+    return out

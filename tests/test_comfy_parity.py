@@ -12,9 +12,7 @@ is not imported here).  Both models then predict on the same 32-channel latent.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -29,18 +27,6 @@ def _comfy_root() -> Path:
     import comfyui_harness  # skips, or fails under DAVAE_REQUIRE_COMFYUI=1 (CI)
 
     return comfyui_harness.comfyui_path()
-
-
-def _import_davae_training():
-    """``davae_training`` is the repo's training/ folder; ComfyUI's venv may not have the repo installed."""
-    try:
-        import davae_training  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "davae_training", REPO / "training" / "__init__.py", submodule_search_locations=[str(REPO / "training")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["davae_training"] = module
-        spec.loader.exec_module(module)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +47,7 @@ def comfy():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny transformer after 3 AdamW steps of the stage-2 objective, and its exported files."""
-    _import_davae_training()
+    import comfyui_harness  # noqa: F401  (importing it makes davae_training importable from the repo)
     from davae_core.fixtures import TINY_TRANSFORMER_CONFIG, tiny_transformer
     from davae_training.stage2.model import AdapterModelConfig, prepare_adapter_model, trained_parameters
     from davae_training.stage2.objective import FlowObjectiveConfig, flow_matching_loss

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from davae_core.mmdit_keys import _BLOCK, _FUSED, _TOP
+from davae_core.mmdit_keys import mmdit_to_diffusers
 
 PREFIX = "model.diffusion_model."
 HEAD_DIM = 64  # every SD3/SD3.5 transformer uses 64-wide heads
@@ -71,47 +71,6 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         "qk_norm": "rms_norm" if "joint_blocks.0.x_block.attn.ln_q.weight" in state else None,
     }
 
-
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def mmdit_to_diffusers(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`davae_core.mmdit_keys.diffusers_to_mmdit` (keys without prefix)."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for name, target in _TOP.items():
-        for end in ("weight", "bias"):
-            key = f"{target}.{end}"
-            if key in state:
-                out[f"{name}.{end}"] = _swap_halves(state[key]) if name == "norm_out.linear" else state[key]
-                used.add(key)
-    if "pos_embed" in state:
-        out["pos_embed.pos_embed"] = state["pos_embed"]
-        used.add("pos_embed")
-    for i in range(depth):
-        src, dst = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
-        for name, target in _BLOCK.items():
-            for end in ("weight", "bias"):
-                key = f"{src}{target}.{end}"
-                if key in state:
-                    value = state[key]
-                    if name == "norm1_context.linear" and i == depth - 1:  # continuous adaLN: (scale, shift)
-                        value = _swap_halves(value)
-                    out[f"{dst}{name}.{end}"] = value
-                    used.add(key)
-        for target, parts in _FUSED.items():
-            for end in ("weight", "bias"):
-                key = f"{src}{target}.{end}"
-                if key in state:
-                    for part, chunk in zip(parts, state[key].chunk(3, dim=0)):
-                        out[f"{dst}{part}.{end}"] = chunk
-                    used.add(key)
-    left = sorted(set(state) - used)
-    if left:
-        raise KeyError(f"no diffusers name for {len(left)} MMDiT keys, e.g. {left[:3]}")
-    return out
 
 
 def load_single_file_transformer(path: str | Path, dtype: torch.dtype = torch.float32):

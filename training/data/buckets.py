@@ -55,6 +55,24 @@ def fits_bucket(width: int, height: int, bucket: tuple[int, int]) -> bool:
     return width >= bucket[0] and height >= bucket[1]
 
 
+def crop_to_tensor(img, width: int, height: int, rng: np.random.Generator, crop: str = "random",
+                   random_flip: bool = False) -> torch.Tensor:
+    """A ``width`` x ``height`` crop of a PIL image that covers it -> (3, H, W) float tensor in [0, 1].
+
+    Random draws, in this order: x, y (``crop="random"``), then the flip, so square and bucketed
+    crops consume ``rng`` alike."""
+    w, h = img.size
+    if crop == "random":
+        x = int(rng.integers(0, w - width + 1))
+        y = int(rng.integers(0, h - height + 1))
+    else:
+        x, y = (w - width) // 2, (h - height) // 2
+    arr = np.array(img.crop((x, y, x + width, y + height)), dtype=np.uint8)
+    if random_flip and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+
+
 def crop_to_bucket(img, bucket: tuple[int, int], rng: np.random.Generator, crop: str = "random",
                    random_flip: bool = False) -> torch.Tensor:
     """PIL image -> (3, H, W) float tensor in [0, 1] of the bucket's shape: scaled down until it
@@ -69,16 +87,7 @@ def crop_to_bucket(img, bucket: tuple[int, int], rng: np.random.Generator, crop:
     if scale < 1.0:
         new = (max(bw, round(w * scale)), max(bh, round(h * scale)))
         img = img.resize(new, Image.Resampling.LANCZOS)
-        w, h = img.size
-    if crop == "random":
-        x = int(rng.integers(0, w - bw + 1))
-        y = int(rng.integers(0, h - bh + 1))
-    else:
-        x, y = (w - bw) // 2, (h - bh) // 2
-    arr = np.array(img.crop((x, y, x + bw, y + bh)), dtype=np.uint8)
-    if random_flip and rng.random() < 0.5:
-        arr = arr[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    return crop_to_tensor(img, bw, bh, rng, crop, random_flip)
 
 
 class BucketBatchSampler(Sampler[list[int]]):

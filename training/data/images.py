@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..common import derive_seed
+from .buckets import crop_to_tensor
 
 logger = logging.getLogger("davae_training.data")
 
@@ -388,15 +389,8 @@ def crop_image(img, resolution: int, rng: np.random.Generator, crop: str = "rand
     w, h = img.size
     if min(w, h) < resolution:
         raise ValueError(f"image {w}x{h} is smaller than the {resolution}px crop")
-    if crop == "random":
-        x = int(rng.integers(0, w - resolution + 1))
-        y = int(rng.integers(0, h - resolution + 1))
-    else:
-        x, y = (w - resolution) // 2, (h - resolution) // 2
-    arr = np.array(img.crop((x, y, x + resolution, y + resolution)), dtype=np.uint8)
-    if random_flip and rng.random() < 0.5:
-        arr = arr[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    return crop_to_tensor(img, resolution, resolution, rng, crop, random_flip)
+
 
 
 class ImageDataset(Dataset):
