@@ -81,6 +81,8 @@ def test_float8_base_steps_at_toy_width():
 def test_tokenizer_config_passes_preflight_at_toy_width():
     result, lines = _preflight("tokenizer_sd3_paper.yaml", "data.resolution=64", steps=1)
     assert result["stage"] == "stage1" and result["discriminator"]
+    # the step is the costliest one of the schedule: past the GAN warm-up, the discriminator trains too
+    assert result["loss_schedule_step"] == 5001 and result["discriminator_updates"] == 1
     assert lines[-1].startswith("peak")
 
 

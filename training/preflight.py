@@ -283,13 +283,18 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float3
             "params_trained": _count(model, True), "discriminator": disc is not None,
             "mixed_precision": loop.mixed_precision, "autocast": autocast, "optimizer": loop.optimizer,
             "gradient_checkpointing": loop.gradient_checkpointing}
+    # the costliest phase of the loss schedule: past the GAN warm-up, the discriminator's
+    # generator term and its own update run too, so the peak printed is the run's peak
+    phase = max(0, cfg.loss.gan_start_step) if disc is not None else 0
+    info["loss_schedule_step"] = phase
     log(f"preflight stage 1: DA-VAE on {source}; {info['params_total'] / 1e6:.1f}M parameters, "
         f"{info['params_trained'] / 1e6:.1f}M trained; batch 1 at {res}px; autocast {autocast}, {loop.optimizer}, "
         f"gradient checkpointing {'on' if loop.gradient_checkpointing else 'off'}, "
-        f"LPIPS {'VGG16-shaped, random weights' if perceptual is not None else 'off'}, GAN {'on' if disc is not None else 'off'}")
+        f"LPIPS {('small random-feature stand-in' if toy else 'VGG16-shaped, random weights') if perceptual is not None else 'off'}, GAN {'on' if disc is not None else 'off'}"
+        + (f" (losses as at step {phase}, past the GAN warm-up)" if phase else ""))
     gen = torch.Generator(device=device).manual_seed(loop.seed)
     last_layer = model.decoder_trunk.conv_out.weight
-    step_times = []
+    step_times, d_updates = [], 0
     for step in range(steps):
         start = time.perf_counter()
         pixels = torch.rand(1, 3, res, res, generator=gen, device=device)
@@ -299,13 +304,13 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float3
             outputs = model(pixels, sample_posterior=True, generator=gen)
             if disc is not None:
                 disc.requires_grad_(False)
-            total, logs = loss_fn.generator_loss(outputs, target, step, disc, last_layer)
+            total, logs = loss_fn.generator_loss(outputs, target, phase + step, disc, last_layer)
         total.backward()
         if loop.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, loop.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if disc is not None and loss_fn.gan_active(step):
+        if disc is not None and loss_fn.gan_active(phase + step):
             disc.requires_grad_(True)
             with _autocast(device, autocast):
                 real, fake = disc(torch.cat([target, outputs["reconstruction"].detach()])).chunk(2)
@@ -313,13 +318,14 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float3
             d_loss.backward()
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
+            d_updates += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - start)
         log(f"step {step + 1}/{steps}: {step_times[-1]:.2f} s, loss {total.item():.4f}")
         if not torch.isfinite(total):
             raise RuntimeError(f"step {step + 1}: the loss is {total.item()}")
-    return {**info, "step_seconds": step_times}
+    return {**info, "step_seconds": step_times, "discriminator_updates": d_updates}
 
 
 # ---------------------------------------------------------------------------- command line
