@@ -238,7 +238,7 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
     # an interrupted build (no index yet, a shard missing) resumes and ends with the same index
     index = (cache / "index.json").read_text()
     (cache / "index.json").unlink()
-    (cache / "shard-00001.safetensors").unlink()
+    (cache / "shard-00001-b000.safetensors").unlink()
     build_cache(records, cache_cfg, davae.encode, text, sample_prompts=["a fox"])
     assert (cache / "index.json").read_text() == index
     data = CachedConditioningDataset(cache)

@@ -132,20 +132,27 @@ class WebDatasetSource:
         self.shards = expand_shards(list(config.sources))
 
     def samples(self, epoch: int, slot: int, slots: int, seed: int, report: StreamReport) -> Iterator[RawSample]:
-        import webdataset as wds
-
         shards, by_sample = _split(self.shards, slot, slots, epoch, seed)
-
-        def on_error(exc: Exception) -> bool:  # a broken shard: count it, keep going
-            report.skip("corrupt", "shard", f"{type(exc).__name__}: {exc}", slot)
-            return True
-
-        # grouped by key as WebDataset defines it: the member path up to the base name's first dot
-        grouped = wds.tarfile_samples([{"url": s} for s in shards], handler=on_error)
-        for j, sample in enumerate(grouped):
+        for j, sample in enumerate(_read_shards(shards, report, slot)):
             if by_sample and j % slots != slot:
                 continue
-            yield _webdataset_sample(sample)
+            yield sample
+
+    def in_order(self, report: StreamReport) -> Iterator[RawSample]:
+        """Every sample once, shards in their listed order, no shuffling (what the cache reads)."""
+        yield from _read_shards(self.shards, report, 0)
+
+
+def _read_shards(shards: list[str], report: StreamReport, slot: int) -> Iterator[RawSample]:
+    import webdataset as wds
+
+    def on_error(exc: Exception) -> bool:  # a broken shard: count it, keep going
+        report.skip("corrupt", "shard", f"{type(exc).__name__}: {exc}", slot)
+        return True
+
+    # grouped by key as WebDataset defines it: the member path up to the base name's first dot
+    for sample in wds.tarfile_samples([{"url": s} for s in shards], handler=on_error):
+        yield _webdataset_sample(sample)
 
 
 def _webdataset_sample(grouped: dict[str, Any]) -> RawSample:
@@ -222,6 +229,13 @@ class HFSource:
             if j % slots == slot:
                 yield self._raw(str(j), row)
 
+    def in_order(self, report: StreamReport) -> Iterator[RawSample]:
+        """Every row once in the dataset's own order, no shuffling (what the cache reads);
+        keys are row numbers, as in :meth:`samples`."""
+        rows = (self.ds[i] for i in range(len(self.ds))) if self.map_style else iter(self.ds)
+        for j, row in enumerate(rows):
+            yield self._raw(str(j), row)
+
 
 def make_source(config: ImageDataConfig):
     if config.format == "webdataset":
@@ -232,6 +246,21 @@ def make_source(config: ImageDataConfig):
 
 
 # ---------------------------------------------------------------------------- batches
+def sample_pixels(img, config: ImageDataConfig, buckets: list[tuple[int, int]] | None,
+                  rng: np.random.Generator) -> tuple[torch.Tensor | None, str, int]:
+    """(pixels, "", bucket index) for a decoded image, or (None, why, -1) when it is too small;
+    the square crop counts as bucket 0."""
+    c = config
+    if buckets is None:
+        if min(img.size) < c.effective_min_size or min(img.size) < c.resolution:
+            return None, f"{img.width}x{img.height} < {c.resolution}px", -1
+        return crop_image(img, c.resolution, rng, c.crop, c.resize_short_side, c.random_flip), "", 0
+    b = nearest_bucket(img.width, img.height, buckets)
+    if not fits_bucket(img.width, img.height, buckets[b]):
+        return None, f"{img.width}x{img.height} smaller than its bucket {buckets[b][0]}x{buckets[b][1]}", -1
+    return crop_to_bucket(img, buckets[b], rng, c.crop, c.random_flip), "", b
+
+
 def _collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
     return {"pixels": torch.stack([it["pixels"] for it in items]), "caption": [it["caption"] for it in items],
             "key": [it["key"] for it in items], "index": torch.tensor([it["index"] for it in items]),
@@ -273,15 +302,8 @@ class StreamingBatches(IterableDataset):
                 yield batch
 
     def _pixels(self, img, rng: np.random.Generator) -> tuple[torch.Tensor | None, str]:
-        c = self.config
-        if self.buckets is None:
-            if min(img.size) < c.effective_min_size or min(img.size) < c.resolution:
-                return None, f"{img.width}x{img.height} < {c.resolution}px"
-            return crop_image(img, c.resolution, rng, c.crop, c.resize_short_side, c.random_flip), ""
-        bucket = self.buckets[nearest_bucket(img.width, img.height, self.buckets)]
-        if not fits_bucket(img.width, img.height, bucket):
-            return None, f"{img.width}x{img.height} smaller than its bucket {bucket[0]}x{bucket[1]}"
-        return crop_to_bucket(img, bucket, rng, c.crop, c.random_flip), ""
+        pixels, why, _ = sample_pixels(img, self.config, self.buckets, rng)
+        return pixels, why
 
     def slot_batches(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         report = self.report = StreamReport()

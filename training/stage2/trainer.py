@@ -50,6 +50,7 @@ from ..common import (
 )
 from ..config import add_common_arguments, load_config
 from ..run_safety import NonFiniteGuard, OutputLock
+from ..data.buckets import BucketBatchSampler
 from ..data.images import ResumableSampler
 from ..data.loader import make_training_loader
 from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
@@ -143,13 +144,23 @@ def write_sample_grid(cfg: AdapterTrainConfig, model, ema, cond: Conditioning, s
 def build_dataloader(cfg: AdapterTrainConfig, accelerator, start_micro_batch: int):
     loop = cfg.train
     if cache_is_complete(cfg.data.cache_dir):
-        dataset = CachedConditioningDataset(cfg.data.cache_dir)
-        logger.info("training from the cache %s (%d samples, text: %s)", cfg.data.cache_dir, len(dataset), dataset.text_encoder)
+        dataset = CachedConditioningDataset(cfg.data.cache_dir, expect=cfg.data.images)
+        logger.info("training from the cache %s (%d samples in %d bucket(s), text: %s)", cfg.data.cache_dir, len(dataset),
+                    len(dataset.buckets_used), dataset.text_encoder)
+        if dataset.text_encoder != cfg.text.kind:
+            logger.warning("the cache's text conditioning is %r, the config's text.kind is %r; training uses the cache's",
+                           dataset.text_encoder, cfg.text.kind)
+        workers = loop.dataloader_num_workers
+        if len(dataset.buckets_used) > 1:  # one latent shape per micro-batch
+            batches = BucketBatchSampler(dataset.bucket_of_sample, loop.batch_size, loop.seed, accelerator.process_index,
+                                         accelerator.num_processes, start_micro_batch)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_cached, num_workers=workers,
+                                                 prefetch_factor=2 if workers > 0 else None)
+            return loader, dataset
         sampler = ResumableSampler(len(dataset), loop.batch_size, loop.seed, accelerator.process_index,
                                    accelerator.num_processes, start_micro_batch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=loop.batch_size, sampler=sampler, collate_fn=collate_cached,
-                                             num_workers=loop.dataloader_num_workers, drop_last=True,
-                                             prefetch_factor=2 if loop.dataloader_num_workers > 0 else None)
+                                             num_workers=workers, drop_last=True, prefetch_factor=2 if workers > 0 else None)
         return loader, dataset
     if cfg.data.cache_dir:
         logger.warning("data.cache_dir %s is not complete: encoding images and captions every step", cfg.data.cache_dir)

@@ -1,0 +1,340 @@
+"""The stage-2 latent+text cache from bucketed folders, WebDataset shards and Hugging Face datasets.
+
+Tiny sizes: the fixtures' DA-VAE (davae_tiny.safetensors) and the hashing text stand-in.  Checks
+that every sample is cached at its bucket's shape, that a trainer batch holds one shape and
+resumes exactly, that streamed sources give the stream's samples and captions (corrupt ones
+skipped and counted), that an interrupted build ends identical to an uninterrupted one, and
+that a cache built for other settings is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from davae_training.data.buckets import BucketBatchSampler, crop_to_bucket, make_buckets
+from davae_training.data.images import ImageDataConfig, build_index, load_rgb
+from davae_training.data.streams import StreamingBatches
+from davae_training.stage2.caption_cache import CachedConditioningDataset, build_cache
+from davae_training.stage2.config import AdapterTrainConfig, CaptionDataConfig
+from davae_training.stage2.text_conditioning import HashingTextConditioner
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "training" / "configs" / "adapter_tiny.yaml"
+# (height, width): two landscape, two portrait, two square
+SHAPES = [(64, 128), (64, 112), (128, 64), (112, 64), (80, 80), (96, 96)]
+
+
+def _png(rng, h, w) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def davae(fixtures_dir):
+    from davae_core.checkpoint import load_davae
+
+    return load_davae(fixtures_dir / "davae" / "davae_tiny.safetensors").eval()
+
+
+@pytest.fixture(scope="module")
+def text():
+    return HashingTextConditioner(64, 32, tokens=8)
+
+
+class CountingEncoder:
+    """``davae.encode`` that counts its calls and can fail after ``fail_after`` of them (an interruption)."""
+
+    def __init__(self, davae, fail_after: int | None = None):
+        self.davae, self.fail_after, self.calls = davae, fail_after, 0
+
+    def __call__(self, pixels):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return self.davae.encode(pixels)
+
+
+def _cache_cfg(images: ImageDataConfig, cache_dir, shard_size=4, batch_size=2) -> CaptionDataConfig:
+    return CaptionDataConfig(images=images, cache_dir=str(cache_dir), cache_dtype="float32",
+                             cache_shard_size=shard_size, cache_batch_size=batch_size)
+
+
+def _tensors(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(str(p)) for p in sorted(cache.glob("*.safetensors"))}
+
+
+def _assert_interrupted_build_resumes_identically(records, cfg_of, davae, text, tmp_path):
+    """An uninterrupted build, and a build interrupted at its last encoder call then rerun, end
+    with the same index and tensors; the rerun encodes only what was missing."""
+    full = CountingEncoder(davae)
+    build_cache(records, cfg_of(tmp_path / "full"), full, text, sample_prompts=["a fox"])
+    cut_cfg = cfg_of(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(records, cut_cfg, CountingEncoder(davae, fail_after=full.calls - 1), text, sample_prompts=["a fox"])
+    assert not (tmp_path / "cut" / "index.json").exists()
+    assert list((tmp_path / "cut").glob("shard-*.safetensors")), "the interrupted build should have finished a window"
+    rerun = CountingEncoder(davae)
+    build_cache(records, cut_cfg, rerun, text, sample_prompts=["a fox"])
+    assert 0 < rerun.calls < full.calls  # finished windows are read back, not encoded again
+    assert (tmp_path / "cut" / "index.json").read_text() == (tmp_path / "full" / "index.json").read_text()
+    a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for name in a:
+        for k in a[name]:
+            torch.testing.assert_close(a[name][k], b[name][k], rtol=0, atol=0)
+
+
+def _loader(cache, images: ImageDataConfig, batch_size=2, start=0, seed=0):
+    from davae_training.stage2.trainer import build_dataloader
+
+    cfg = AdapterTrainConfig()
+    cfg.data = CaptionDataConfig(images=images, cache_dir=str(cache))
+    cfg.text.kind = "hashing_standin"
+    cfg.train.batch_size, cfg.train.seed, cfg.train.dataloader_num_workers = batch_size, seed, 0
+    return build_dataloader(cfg, SimpleNamespace(process_index=0, num_processes=1), start)
+
+
+# ---------------------------------------------------------------------------- bucketed folder
+@pytest.fixture()
+def bucket_folder(tmp_path):
+    """12 images of six shapes with captions, plus one whose header reads but whose data is cut."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):
+        h, w = SHAPES[i % len(SHAPES)]
+        (folder / f"{i:02d}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{i:02d}.txt").write_text(f"picture number {i}")
+    (folder / "99.png").write_bytes(_png(rng, 96, 96)[:120])  # the size probe passes, decoding fails
+    return folder
+
+
+def test_bucket_folder_cache_holds_each_sample_at_its_bucket_shape_and_skips_a_corrupt_one(bucket_folder, tmp_path, davae, text, caplog):
+    images = ImageDataConfig(sources=[str(bucket_folder)], resolution=64, buckets=True)
+    records, _ = build_index(images)
+    assert len(records) == 13
+    with caplog.at_level("WARNING", logger="davae_training.data"):
+        build_cache(records, _cache_cfg(images, tmp_path / "cache"), davae.encode, text)
+    assert "skipping corrupt sample 99" in caplog.text
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["version"] == 2 and index["skipped"] == {"corrupt": 1, "too_small": 0}
+    buckets = make_buckets(64)
+    assert [tuple(b) for b in index["buckets"]] == buckets
+    data = CachedConditioningDataset(tmp_path / "cache", expect=images)
+    assert [s["key"] for s in data.samples] == [f"{i:02d}" for i in range(12)]  # folder order, corrupt one left out
+    assert len(data.buckets_used) >= 3
+    for i in range(len(data)):
+        item = data[i]
+        w, h = buckets[item["bucket"]]
+        assert item["latents"].shape == (32, h // 16, w // 16)
+        assert item["caption"] == f"picture number {int(item['key'])}"
+        # the shard named for the sample's bucket holds it
+        assert data.shards[data.samples[i]["shard"]].endswith(f"-b{item['bucket']:03d}.safetensors")
+    item = data[1]  # 112x64: the same bucket crop as training, encoded once
+    pixels = crop_to_bucket(load_rgb(records[1]), buckets[item["bucket"]], np.random.default_rng(0), "center")
+    with torch.no_grad():
+        torch.testing.assert_close(item["latents"], davae.encode(pixels[None])[0], atol=1e-5, rtol=1e-5)
+    e, p = text.encode([item["caption"]])
+    torch.testing.assert_close(item["embeds"], e[0])
+    torch.testing.assert_close(item["pooled"], p[0])
+
+
+def test_bucket_cache_trainer_batches_hold_one_shape_and_resume_at_any_micro_batch(bucket_folder, tmp_path, davae, text):
+    images = ImageDataConfig(sources=[str(bucket_folder)], resolution=64, buckets=True)
+    records, _ = build_index(images)
+    build_cache(records, _cache_cfg(images, tmp_path / "cache", shard_size=5), davae.encode, text)
+    loader, dataset = _loader(tmp_path / "cache", images)
+    assert isinstance(loader.batch_sampler, BucketBatchSampler)
+    full = list(itertools.islice(iter(loader), 12))
+    shapes = set()
+    for batch in full:
+        buckets = {dataset.bucket_of_sample[int(i)] for i in batch["index"]}
+        assert len(buckets) == 1 and batch["latents"].shape[0] == 2
+        w, h = dataset.buckets[buckets.pop()]
+        assert batch["latents"].shape[1:] == (32, h // 16, w // 16)
+        shapes.add(tuple(batch["latents"].shape))
+    assert len(shapes) >= 3
+    for k in (1, 5):
+        resumed, _ = _loader(tmp_path / "cache", images, start=k)
+        again = list(itertools.islice(iter(resumed), 12 - k))
+        assert [b["key"] for b in again] == [b["key"] for b in full[k:]]
+        torch.testing.assert_close(again[0]["latents"], full[k]["latents"])
+
+
+# ---------------------------------------------------------------------------- webdataset
+@pytest.fixture()
+def shards(tmp_path):
+    """shard-000.tar (plain) and shard-001.tar.gz (gzip), 8 samples each, sample 5 corrupt in each."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s in range(2):
+        name = folder / (f"shard-{s:03d}.tar" + (".gz" if s else ""))
+        with tarfile.open(name, "w:gz" if s else "w") as tar:
+            for i in range(8):
+                h, w = SHAPES[(i + s) % len(SHAPES)]
+                _add(tar, f"s{s}_{i}.png", b"not a png at all" if i == 5 else _png(rng, h, w))
+                _add(tar, f"s{s}_{i}.txt", f"caption {s} {i}".encode())
+    return [str(folder / "shard-000.tar"), str(folder / "shard-{001..001}.tar.gz")]
+
+
+@pytest.mark.parametrize("buckets", [False, True], ids=["square", "bucket"])
+def test_webdataset_cache_holds_the_streams_samples_skips_corrupt_ones_and_resumes_identically(
+        shards, tmp_path, davae, text, caplog, buckets):
+    images = ImageDataConfig(sources=shards, format="webdataset", resolution=64, buckets=buckets, shuffle_buffer=1)
+    with caplog.at_level("WARNING", logger="davae_training.data"):
+        build_cache(None, _cache_cfg(images, tmp_path / "cache", shard_size=3), davae.encode, text)
+    assert "skipping corrupt sample shard-000.tar:s0_5" in caplog.text
+    data = CachedConditioningDataset(tmp_path / "cache", expect=images)
+    expected = [f"shard-000.tar:s0_{i}" for i in range(8) if i != 5] + [f"shard-001.tar.gz:s1_{i}" for i in range(8) if i != 5]
+    assert [s["key"] for s in data.samples] == expected  # the shards' own order, no shuffle
+    assert json.loads((tmp_path / "cache" / "index.json").read_text())["skipped"]["corrupt"] == 2
+    # the training stream (centre crops) yields the same samples, captions and pixels
+    stream = StreamingBatches(ImageDataConfig(**{**images.__dict__, "crop": "center"}), batch_size=1, seed=0)
+    streamed = {b["key"][0]: b for b in itertools.islice(iter(stream), 14)}
+    assert set(streamed) == set(expected)
+    by_key = {data[i]["key"]: data[i] for i in range(len(data))}
+    for key, b in streamed.items():
+        assert by_key[key]["caption"] == b["caption"][0]
+    with torch.no_grad():
+        for key in (expected[0], expected[-1]):
+            torch.testing.assert_close(by_key[key]["latents"], davae.encode(streamed[key]["pixels"])[0], atol=1e-5, rtol=1e-5)
+    if buckets:
+        assert len(data.buckets_used) >= 2
+        for s, name in enumerate(data.shards):  # a shard holds one bucket: the one in its name, at its shape
+            members = {data.samples[i]["bucket"] for i in range(len(data)) if data.samples[i]["shard"] == s}
+            assert members == {int(name.split("-b")[1].split(".")[0])}
+            w, h = data.buckets[members.pop()]
+            assert load_file(str(tmp_path / "cache" / name))["latents"].shape[1:] == (32, h // 16, w // 16)
+    _assert_interrupted_build_resumes_identically(None, lambda d: _cache_cfg(images, d, shard_size=3), davae, text, tmp_path)
+
+
+# ---------------------------------------------------------------------------- Hugging Face datasets
+@pytest.mark.parametrize("kind", ["saved_to_disk", "imagefolder_streaming_bucket"])
+def test_hf_dataset_cache_holds_the_rows_and_captions_skips_corrupt_rows_and_resumes_identically(tmp_path, davae, text, kind):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    if kind == "saved_to_disk":
+        rows = {"img": [{"bytes": b"broken" if i == 3 else _png(rng, *SHAPES[i % len(SHAPES)]), "path": None} for i in range(10)],
+                "prompt": [f"row {i}" for i in range(10)]}
+        features = datasets.Features({"img": datasets.Image(), "prompt": datasets.Value("string")})
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+        images = ImageDataConfig(sources=[str(tmp_path / "saved")], format="hf", resolution=64,
+                                 hf_image_column="img", hf_caption_column="prompt")
+        expected = [(str(i), f"row {i}") for i in range(10) if i != 3]
+    else:
+        folder = tmp_path / "imagefolder"
+        folder.mkdir()
+        lines = ["file_name,text"]
+        for i in range(8):
+            (folder / f"{i}.png").write_bytes(b"truncated" if i == 6 else _png(rng, *SHAPES[i % len(SHAPES)]))
+            lines.append(f"{i}.png,picture {i}")
+        (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+        images = ImageDataConfig(sources=[str(folder)], format="hf", resolution=64, streaming=True, buckets=True)
+        expected = None  # the imagefolder loader's own row order; checked against the stream below
+    build_cache(None, _cache_cfg(images, tmp_path / "cache", shard_size=4), davae.encode, text)
+    data = CachedConditioningDataset(tmp_path / "cache", expect=images)
+    got = [(s["key"], s["caption"]) for s in data.samples]
+    if expected is not None:
+        assert got == expected
+    else:
+        assert sorted(c for _, c in got) == sorted(f"picture {i}" for i in range(8) if i != 6)
+        assert len(data.buckets_used) >= 2
+    assert json.loads((tmp_path / "cache" / "index.json").read_text())["skipped"]["corrupt"] == 1
+    # the training stream yields the same rows over one epoch
+    streamed = [(b["key"][0], b["caption"][0]) for b in itertools.islice(iter(StreamingBatches(images, 1, seed=0)), len(got))]
+    if kind == "saved_to_disk":
+        assert sorted(streamed) == sorted(got)
+    else:  # a streamed dataset's training keys are positions in its shuffled order; the captions match
+        assert sorted(c for _, c in streamed) == sorted(c for _, c in got)
+    _assert_interrupted_build_resumes_identically(None, lambda d: _cache_cfg(images, d, shard_size=4), davae, text, tmp_path)
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_cache_built_with_other_bucket_or_resolution_settings_is_refused_naming_both_and_the_fix(bucket_folder, tmp_path, davae, text):
+    square = ImageDataConfig(sources=[str(bucket_folder)], resolution=64)
+    records, _ = build_index(square)
+    build_cache(records, _cache_cfg(square, tmp_path / "cache"), davae.encode, text)
+    bucketed = ImageDataConfig(sources=[str(bucket_folder)], resolution=64, buckets=True)
+    with pytest.raises(ValueError) as err:
+        CachedConditioningDataset(tmp_path / "cache", expect=bucketed)
+    msg = str(err.value)
+    assert "data.images.buckets=false" in msg and "data.images.buckets=true" in msg and "Rebuild" in msg and "data.cache_dir" in msg
+    with pytest.raises(ValueError, match=r"data.images.resolution=64.*data.images.resolution=128"):
+        _loader(tmp_path / "cache", ImageDataConfig(sources=[str(bucket_folder)], resolution=128))
+    with pytest.raises(ValueError, match="data.images.buckets=true"):  # nor is it overwritten with other settings
+        build_cache(build_index(bucketed)[0], _cache_cfg(bucketed, tmp_path / "cache"), davae.encode, text)
+    CachedConditioningDataset(tmp_path / "cache", expect=square)  # the settings it was built with are fine
+    # a version-1 cache (one square shape, no settings recorded) is refused with the rebuild command
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    (tmp_path / "cache" / "index.json").write_text(json.dumps({**index, "version": 1}))
+    with pytest.raises(ValueError, match=r"cache version 1.*rebuild it with python -m davae_training.stage2.caption_cache"):
+        CachedConditioningDataset(tmp_path / "cache")
+
+
+# ---------------------------------------------------------------------------- a run
+def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp_path, fixtures_dir, davae, text, monkeypatch):
+    import davae_training.stage2.trainer as ta
+    from davae_core.davae_model import DAVAE
+    from davae_training.config import load_config
+
+    # into buckets whose latent sides are even (the transformer's 2x2 patches): 160x96, 96x160, 128x128
+    # (short sides of 128: the folder index skips images below data.images.resolution)
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(9):
+        h, w = [(128, 213), (213, 128), (128, 128)][i % 3]
+        (folder / f"{i}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{i}.txt").write_text(f"a picture {i}")
+    images = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True)
+    cache = tmp_path / "cache"
+    build_cache(build_index(images)[0], _cache_cfg(images, cache), davae.encode, text, sample_prompts=["a fox"])
+
+    def forbidden(*a, **k):
+        raise AssertionError("training from a complete cache must not load or run the DA-VAE or a text encoder")
+
+    monkeypatch.setattr(ta, "load_davae_for_training", forbidden)
+    monkeypatch.setattr(ta, "build_text_conditioner", forbidden)
+    monkeypatch.setattr(DAVAE, "encode", forbidden)
+    seen = []
+    real_loss = ta.flow_matching_loss
+
+    def recording_loss(model_fn, latents, *a, **k):
+        seen.append(tuple(latents.shape))
+        return real_loss(model_fn, latents, *a, **k)
+
+    monkeypatch.setattr(ta, "flow_matching_loss", recording_loss)
+    sets = [f"train.output_dir={tmp_path / 'run'}", f"model.pretrained={fixtures_dir / 'sd3_transformer'}", "tokenizer.path=''",
+            f"data.images.sources=[{folder}]", "data.images.resolution=128", "data.images.buckets=true",
+            "data.images.crop=center", f"data.cache_dir={cache}", "train.max_steps=4", "train.checkpoint_every=0",
+            "train.image_every=0", "train.report_to=none", "train.log_every=1", "model.lora_rank=4", "model.lora_alpha=4",
+            "export.enabled=false"]
+    cfg = load_config(AdapterTrainConfig, TINY_CONFIG, sets)
+    try:
+        summary = ta.train(cfg)
+    finally:  # accelerate keeps process-wide state; leave none behind for other tests
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert summary["step"] == 4 and np.isfinite(summary["last_logged"]["loss"])
+    assert len(seen) == 4 and len(set(seen)) >= 2, seen  # batches of different buckets, one shape each
+    assert {s[2:] for s in seen} <= {(6, 10), (10, 6), (8, 8)}
