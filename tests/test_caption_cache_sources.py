@@ -288,6 +288,10 @@ def test_cache_built_with_other_bucket_or_resolution_settings_is_refused_naming_
     (tmp_path / "cache" / "index.json").write_text(json.dumps({**index, "version": 1}))
     with pytest.raises(ValueError, match=r"cache version 1.*rebuild it with python -m davae_training.stage2.caption_cache"):
         CachedConditioningDataset(tmp_path / "cache")
+    # a rerun over shards written from other records (the folder changed) stops instead of mixing them
+    (tmp_path / "cache" / "index.json").unlink()
+    with pytest.raises(ValueError, match="the source changed since this shard was written"):
+        build_cache(records[1:], _cache_cfg(square, tmp_path / "cache"), davae.encode, text)
 
 
 # ---------------------------------------------------------------------------- a run

@@ -327,7 +327,14 @@ def build_cache(
         if done is None:
             shards.extend(writer.encode_window(window, group, bar))
             continue
-        bar.update(sum(1 for _ in group))  # read past it (the stream's order is fixed), decode nothing
+        keys = {position: key for position, key, _ in group}  # read past it (the order is fixed), decode nothing
+        bar.update(len(keys))
+        for name, meta in done:
+            for m in json.loads(meta["samples"]):
+                if keys.get(m["position"]) != m["key"]:
+                    raise ValueError(f"{root / name}: the source changed since this shard was written (position "
+                                     f"{m['position']} held {m['key']}, now {keys.get(m['position'])}); delete {root} "
+                                     "or choose another data.cache_dir")
         shards.extend(done)
         for kind, n in json.loads(done[0][1]["window_skipped"]).items():
             restored[kind] += n

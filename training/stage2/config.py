@@ -22,7 +22,7 @@ class CaptionDataConfig:
     images: ImageDataConfig = field(default_factory=ImageDataConfig)
     cache_dir: str | None = None  # when set and complete, train from it
     cache_dtype: str = "bfloat16"  # "float32" | "float16" | "bfloat16"
-    cache_shard_size: int = 256  # samples per safetensors shard
+    cache_shard_size: int = 256  # source positions per cache window; a window writes one shard per bucket
     cache_batch_size: int = 4  # images encoded at once while building the cache
 
 
