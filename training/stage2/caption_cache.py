@@ -76,7 +76,9 @@ def cache_settings(images: ImageDataConfig) -> dict[str, Any]:
 
 
 def _describe(settings: dict[str, Any]) -> str:
-    return ", ".join(f"data.images.{k}={json.dumps(v)}" for k, v in settings.items())
+    order = ("resolution", "buckets", "bucket_max_aspect", "resize_short_side")  # index.json stores keys sorted
+    keys = sorted(settings, key=lambda k: (order.index(k) if k in order else len(order), k))
+    return ", ".join(f"data.images.{k}={json.dumps(settings[k])}" for k in keys)
 
 
 def check_cache_settings(root: Path, built: dict[str, Any], wanted: dict[str, Any]) -> None:
