@@ -4,7 +4,8 @@ Tiny sizes: the fixtures' DA-VAE (davae_tiny.safetensors) and the hashing text s
 that every sample is cached at its bucket's shape, that a trainer batch holds one shape and
 resumes exactly, that streamed sources give the stream's samples and captions (corrupt ones
 skipped and counted), that an interrupted build ends identical to an uninterrupted one, and
-that a cache built for other settings is refused.
+that a cache built for other settings is refused.  Stage-2 buckets sit on the transformer's patch
+grid (DA-VAE factor 16 x patch 2 = 32 px), so the images here are sized for resolution 128.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from davae_training.data.buckets import BucketBatchSampler, crop_to_bucket, make
 from davae_training.data.images import ImageDataConfig, build_index, load_rgb
 from davae_training.data.streams import StreamingBatches
 from davae_training.stage2.caption_cache import CachedConditioningDataset, build_cache
+from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
 from davae_training.stage2.config import AdapterTrainConfig, CaptionDataConfig
+from davae_training.stage2.latent_grid import LatentGrid
 from davae_training.stage2.text_conditioning import HashingTextConditioner
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "adapter_tiny.yaml"
-# (height, width): two landscape, two portrait, two square
-SHAPES = [(64, 128), (64, 112), (128, 64), (112, 64), (80, 80), (96, 96)]
+# (height, width): two landscape, two portrait, two square; every one covers its bucket at resolution 128
+SHAPES = [(128, 256), (128, 224), (256, 128), (224, 128), (160, 160), (192, 192)]
+RES = 128
 
 
 def _png(rng, h, w) -> bytes:
@@ -52,6 +56,12 @@ def davae(fixtures_dir):
     from davae_core.checkpoint import load_davae
 
     return load_davae(fixtures_dir / "davae" / "davae_tiny.safetensors").eval()
+
+
+@pytest.fixture(scope="module")
+def grid(davae):
+    """The stage-2 grid of the fixtures: the DA-VAE's factor times the tiny transformer's patch."""
+    return LatentGrid(davae.layout.factor, TINY_TRANSFORMER_CONFIG["patch_size"])
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +91,18 @@ def _tensors(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {p.name: load_file(str(p)) for p in sorted(cache.glob("*.safetensors"))}
 
 
-def _assert_interrupted_build_resumes_identically(records, cfg_of, davae, text, tmp_path):
+def _assert_interrupted_build_resumes_identically(records, cfg_of, davae, text, tmp_path, grid):
     """An uninterrupted build, and a build interrupted at its last encoder call then rerun, end
     with the same index and tensors; the rerun encodes only what was missing."""
     full = CountingEncoder(davae)
-    build_cache(records, cfg_of(tmp_path / "full"), full, text, sample_prompts=["a fox"])
+    build_cache(records, cfg_of(tmp_path / "full"), full, text, sample_prompts=["a fox"], grid=grid)
     cut_cfg = cfg_of(tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
-        build_cache(records, cut_cfg, CountingEncoder(davae, fail_after=full.calls - 1), text, sample_prompts=["a fox"])
+        build_cache(records, cut_cfg, CountingEncoder(davae, fail_after=full.calls - 1), text, sample_prompts=["a fox"], grid=grid)
     assert not (tmp_path / "cut" / "index.json").exists()
     assert list((tmp_path / "cut").glob("shard-*.safetensors")), "the interrupted build should have finished a window"
     rerun = CountingEncoder(davae)
-    build_cache(records, cut_cfg, rerun, text, sample_prompts=["a fox"])
+    build_cache(records, cut_cfg, rerun, text, sample_prompts=["a fox"], grid=grid)
     assert 0 < rerun.calls < full.calls  # finished windows are read back, not encoded again
     assert (tmp_path / "cut" / "index.json").read_text() == (tmp_path / "full" / "index.json").read_text()
     a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "cut")
@@ -102,14 +112,15 @@ def _assert_interrupted_build_resumes_identically(records, cfg_of, davae, text, 
             torch.testing.assert_close(a[name][k], b[name][k], rtol=0, atol=0)
 
 
-def _loader(cache, images: ImageDataConfig, batch_size=2, start=0, seed=0):
-    from davae_training.stage2.trainer import build_dataloader
+def _loader(cache, images: ImageDataConfig, grid: LatentGrid, batch_size=2, start=0, seed=0):
+    from davae_training.stage2.trainer import build_dataloader, open_cache
 
     cfg = AdapterTrainConfig()
     cfg.data = CaptionDataConfig(images=images, cache_dir=str(cache))
     cfg.text.kind = "hashing_standin"
     cfg.train.batch_size, cfg.train.seed, cfg.train.dataloader_num_workers = batch_size, seed, 0
-    return build_dataloader(cfg, SimpleNamespace(process_index=0, num_processes=1), start)
+    dataset = open_cache(cfg, grid.patch_size)
+    return build_dataloader(cfg, SimpleNamespace(process_index=0, num_processes=1), start, grid, dataset), dataset
 
 
 # ---------------------------------------------------------------------------- bucketed folder
@@ -123,20 +134,20 @@ def bucket_folder(tmp_path):
         h, w = SHAPES[i % len(SHAPES)]
         (folder / f"{i:02d}.png").write_bytes(_png(rng, h, w))
         (folder / f"{i:02d}.txt").write_text(f"picture number {i}")
-    (folder / "99.png").write_bytes(_png(rng, 96, 96)[:120])  # the size probe passes, decoding fails
+    (folder / "99.png").write_bytes(_png(rng, 192, 192)[:120])  # the size probe passes, decoding fails
     return folder
 
 
-def test_bucket_folder_cache_holds_each_sample_at_its_bucket_shape_and_skips_a_corrupt_one(bucket_folder, tmp_path, davae, text, caplog):
-    images = ImageDataConfig(sources=[str(bucket_folder)], resolution=64, buckets=True)
-    records, _ = build_index(images)
+def test_bucket_folder_cache_holds_each_sample_at_its_bucket_shape_and_skips_a_corrupt_one(bucket_folder, tmp_path, davae, text, grid, caplog):
+    images = ImageDataConfig(sources=[str(bucket_folder)], resolution=RES, buckets=True)
+    records, _ = build_index(images, grid.pixels)
     assert len(records) == 13
     with caplog.at_level("WARNING", logger="davae_training.data"):
-        build_cache(records, _cache_cfg(images, tmp_path / "cache"), davae.encode, text)
+        build_cache(records, _cache_cfg(images, tmp_path / "cache"), davae.encode, text, grid=grid)
     assert "skipping corrupt sample 99" in caplog.text
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
-    assert index["version"] == 2 and index["skipped"] == {"corrupt": 1, "too_small": 0}
-    buckets = make_buckets(64)
+    assert index["version"] == 3 and index["skipped"] == {"corrupt": 1, "too_small": 0}
+    buckets = make_buckets(RES, grid=grid.pixels)
     assert [tuple(b) for b in index["buckets"]] == buckets
     data = CachedConditioningDataset(tmp_path / "cache", expect=images)
     assert [s["key"] for s in data.samples] == [f"{i:02d}" for i in range(12)]  # folder order, corrupt one left out
@@ -148,7 +159,7 @@ def test_bucket_folder_cache_holds_each_sample_at_its_bucket_shape_and_skips_a_c
         assert item["caption"] == f"picture number {int(item['key'])}"
         # the shard named for the sample's bucket holds it
         assert data.shards[data.samples[i]["shard"]].endswith(f"-b{item['bucket']:03d}.safetensors")
-    item = data[1]  # 112x64: the same bucket crop as training, encoded once
+    item = data[1]  # 224x128: the same bucket crop as training, encoded once
     pixels = crop_to_bucket(load_rgb(records[1]), buckets[item["bucket"]], np.random.default_rng(0), "center")
     with torch.no_grad():
         torch.testing.assert_close(item["latents"], davae.encode(pixels[None])[0], atol=1e-5, rtol=1e-5)
@@ -157,11 +168,11 @@ def test_bucket_folder_cache_holds_each_sample_at_its_bucket_shape_and_skips_a_c
     torch.testing.assert_close(item["pooled"], p[0])
 
 
-def test_bucket_cache_trainer_batches_hold_one_shape_and_resume_at_any_micro_batch(bucket_folder, tmp_path, davae, text):
-    images = ImageDataConfig(sources=[str(bucket_folder)], resolution=64, buckets=True)
-    records, _ = build_index(images)
-    build_cache(records, _cache_cfg(images, tmp_path / "cache", shard_size=5), davae.encode, text)
-    loader, dataset = _loader(tmp_path / "cache", images)
+def test_bucket_cache_trainer_batches_hold_one_shape_and_resume_at_any_micro_batch(bucket_folder, tmp_path, davae, text, grid):
+    images = ImageDataConfig(sources=[str(bucket_folder)], resolution=RES, buckets=True)
+    records, _ = build_index(images, grid.pixels)
+    build_cache(records, _cache_cfg(images, tmp_path / "cache", shard_size=5), davae.encode, text, grid=grid)
+    loader, dataset = _loader(tmp_path / "cache", images, grid)
     assert isinstance(loader.batch_sampler, BucketBatchSampler)
     full = list(itertools.islice(iter(loader), 12))
     shapes = set()
@@ -173,7 +184,7 @@ def test_bucket_cache_trainer_batches_hold_one_shape_and_resume_at_any_micro_bat
         shapes.add(tuple(batch["latents"].shape))
     assert len(shapes) >= 3
     for k in (1, 5):
-        resumed, _ = _loader(tmp_path / "cache", images, start=k)
+        resumed, _ = _loader(tmp_path / "cache", images, grid, start=k)
         again = list(itertools.islice(iter(resumed), 12 - k))
         assert [b["key"] for b in again] == [b["key"] for b in full[k:]]
         torch.testing.assert_close(again[0]["latents"], full[k]["latents"])
@@ -198,17 +209,18 @@ def shards(tmp_path):
 
 @pytest.mark.parametrize("buckets", [False, True], ids=["square", "bucket"])
 def test_webdataset_cache_holds_the_streams_samples_skips_corrupt_ones_and_resumes_identically(
-        shards, tmp_path, davae, text, caplog, buckets):
-    images = ImageDataConfig(sources=shards, format="webdataset", resolution=64, buckets=buckets, shuffle_buffer=1)
+        shards, tmp_path, davae, text, grid, caplog, buckets):
+    images = ImageDataConfig(sources=shards, format="webdataset", resolution=RES, buckets=buckets, shuffle_buffer=1)
     with caplog.at_level("WARNING", logger="davae_training.data"):
-        build_cache(None, _cache_cfg(images, tmp_path / "cache", shard_size=3), davae.encode, text)
+        build_cache(None, _cache_cfg(images, tmp_path / "cache", shard_size=3), davae.encode, text, grid=grid)
     assert "skipping corrupt sample shard-000.tar:s0_5" in caplog.text
     data = CachedConditioningDataset(tmp_path / "cache", expect=images)
     expected = [f"shard-000.tar:s0_{i}" for i in range(8) if i != 5] + [f"shard-001.tar.gz:s1_{i}" for i in range(8) if i != 5]
     assert [s["key"] for s in data.samples] == expected  # the shards' own order, no shuffle
     assert json.loads((tmp_path / "cache" / "index.json").read_text())["skipped"]["corrupt"] == 2
     # the training stream (centre crops) yields the same samples, captions and pixels
-    stream = StreamingBatches(ImageDataConfig(**{**images.__dict__, "crop": "center"}), batch_size=1, seed=0)
+    stream = StreamingBatches(ImageDataConfig(**{**images.__dict__, "crop": "center"}), batch_size=1, seed=0,
+                              bucket_grid=grid.pixels)
     streamed = {b["key"][0]: b for b in itertools.islice(iter(stream), 14)}
     assert set(streamed) == set(expected)
     by_key = {data[i]["key"]: data[i] for i in range(len(data))}
@@ -224,12 +236,12 @@ def test_webdataset_cache_holds_the_streams_samples_skips_corrupt_ones_and_resum
             assert members == {int(name.split("-b")[1].split(".")[0])}
             w, h = data.buckets[members.pop()]
             assert load_file(str(tmp_path / "cache" / name))["latents"].shape[1:] == (32, h // 16, w // 16)
-    _assert_interrupted_build_resumes_identically(None, lambda d: _cache_cfg(images, d, shard_size=3), davae, text, tmp_path)
+    _assert_interrupted_build_resumes_identically(None, lambda d: _cache_cfg(images, d, shard_size=3), davae, text, tmp_path, grid)
 
 
 # ---------------------------------------------------------------------------- Hugging Face datasets
 @pytest.mark.parametrize("kind", ["saved_to_disk", "imagefolder_streaming_bucket"])
-def test_hf_dataset_cache_holds_the_rows_and_captions_skips_corrupt_rows_and_resumes_identically(tmp_path, davae, text, kind):
+def test_hf_dataset_cache_holds_the_rows_and_captions_skips_corrupt_rows_and_resumes_identically(tmp_path, davae, text, grid, kind):
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(0)
     if kind == "saved_to_disk":
@@ -237,7 +249,7 @@ def test_hf_dataset_cache_holds_the_rows_and_captions_skips_corrupt_rows_and_res
                 "prompt": [f"row {i}" for i in range(10)]}
         features = datasets.Features({"img": datasets.Image(), "prompt": datasets.Value("string")})
         datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
-        images = ImageDataConfig(sources=[str(tmp_path / "saved")], format="hf", resolution=64,
+        images = ImageDataConfig(sources=[str(tmp_path / "saved")], format="hf", resolution=RES,
                                  hf_image_column="img", hf_caption_column="prompt")
         expected = [(str(i), f"row {i}") for i in range(10) if i != 3]
     else:
@@ -248,9 +260,9 @@ def test_hf_dataset_cache_holds_the_rows_and_captions_skips_corrupt_rows_and_res
             (folder / f"{i}.png").write_bytes(b"truncated" if i == 6 else _png(rng, *SHAPES[i % len(SHAPES)]))
             lines.append(f"{i}.png,picture {i}")
         (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
-        images = ImageDataConfig(sources=[str(folder)], format="hf", resolution=64, streaming=True, buckets=True)
+        images = ImageDataConfig(sources=[str(folder)], format="hf", resolution=RES, streaming=True, buckets=True)
         expected = None  # the imagefolder loader's own row order; checked against the stream below
-    build_cache(None, _cache_cfg(images, tmp_path / "cache", shard_size=4), davae.encode, text)
+    build_cache(None, _cache_cfg(images, tmp_path / "cache", shard_size=4), davae.encode, text, grid=grid)
     data = CachedConditioningDataset(tmp_path / "cache", expect=images)
     got = [(s["key"], s["caption"]) for s in data.samples]
     if expected is not None:
@@ -260,28 +272,28 @@ def test_hf_dataset_cache_holds_the_rows_and_captions_skips_corrupt_rows_and_res
         assert len(data.buckets_used) >= 2
     assert json.loads((tmp_path / "cache" / "index.json").read_text())["skipped"]["corrupt"] == 1
     # the training stream yields the same rows over one epoch
-    streamed = [(b["key"][0], b["caption"][0]) for b in itertools.islice(iter(StreamingBatches(images, 1, seed=0)), len(got))]
+    streamed = [(b["key"][0], b["caption"][0]) for b in itertools.islice(iter(StreamingBatches(images, 1, seed=0, bucket_grid=grid.pixels)), len(got))]
     if kind == "saved_to_disk":
         assert sorted(streamed) == sorted(got)
     else:  # a streamed dataset's training keys are positions in its shuffled order; the captions match
         assert sorted(c for _, c in streamed) == sorted(c for _, c in got)
-    _assert_interrupted_build_resumes_identically(None, lambda d: _cache_cfg(images, d, shard_size=4), davae, text, tmp_path)
+    _assert_interrupted_build_resumes_identically(None, lambda d: _cache_cfg(images, d, shard_size=4), davae, text, tmp_path, grid)
 
 
 # ---------------------------------------------------------------------------- refusals
-def test_cache_built_with_other_bucket_or_resolution_settings_is_refused_naming_both_and_the_fix(bucket_folder, tmp_path, davae, text):
-    square = ImageDataConfig(sources=[str(bucket_folder)], resolution=64)
+def test_cache_built_with_other_bucket_or_resolution_settings_is_refused_naming_both_and_the_fix(bucket_folder, tmp_path, davae, text, grid):
+    square = ImageDataConfig(sources=[str(bucket_folder)], resolution=RES)
     records, _ = build_index(square)
-    build_cache(records, _cache_cfg(square, tmp_path / "cache"), davae.encode, text)
-    bucketed = ImageDataConfig(sources=[str(bucket_folder)], resolution=64, buckets=True)
+    build_cache(records, _cache_cfg(square, tmp_path / "cache"), davae.encode, text, grid=grid)
+    bucketed = ImageDataConfig(sources=[str(bucket_folder)], resolution=RES, buckets=True)
     with pytest.raises(ValueError) as err:
         CachedConditioningDataset(tmp_path / "cache", expect=bucketed)
     msg = str(err.value)
     assert "data.images.buckets=false" in msg and "data.images.buckets=true" in msg and "Rebuild" in msg and "data.cache_dir" in msg
-    with pytest.raises(ValueError, match=r"data.images.resolution=64.*data.images.resolution=128"):
-        _loader(tmp_path / "cache", ImageDataConfig(sources=[str(bucket_folder)], resolution=128))
+    with pytest.raises(ValueError, match=r"data.images.resolution=128.*data.images.resolution=256"):
+        _loader(tmp_path / "cache", ImageDataConfig(sources=[str(bucket_folder)], resolution=256), grid)
     with pytest.raises(ValueError, match="data.images.buckets=true"):  # nor is it overwritten with other settings
-        build_cache(build_index(bucketed)[0], _cache_cfg(bucketed, tmp_path / "cache"), davae.encode, text)
+        build_cache(build_index(bucketed, grid.pixels)[0], _cache_cfg(bucketed, tmp_path / "cache"), davae.encode, text, grid=grid)
     CachedConditioningDataset(tmp_path / "cache", expect=square)  # the settings it was built with are fine
     # a version-1 cache (one square shape, no settings recorded) is refused with the rebuild command
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
@@ -291,17 +303,16 @@ def test_cache_built_with_other_bucket_or_resolution_settings_is_refused_naming_
     # a rerun over shards written from other records (the folder changed) stops instead of mixing them
     (tmp_path / "cache" / "index.json").unlink()
     with pytest.raises(ValueError, match="the source changed since this shard was written"):
-        build_cache(records[1:], _cache_cfg(square, tmp_path / "cache"), davae.encode, text)
+        build_cache(records[1:], _cache_cfg(square, tmp_path / "cache"), davae.encode, text, grid=grid)
 
 
 # ---------------------------------------------------------------------------- a run
-def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp_path, fixtures_dir, davae, text, monkeypatch):
+def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp_path, fixtures_dir, davae, text, grid, monkeypatch):
     import davae_training.stage2.trainer as ta
     from davae_core.davae_model import DAVAE
     from davae_training.config import load_config
 
-    # into buckets whose latent sides are even (the transformer's 2x2 patches): 160x96, 96x160, 128x128
-    # (short sides of 128: the folder index skips images below data.images.resolution)
+    # into the 32-px buckets 160x96, 96x160, 128x128
     rng = np.random.default_rng(3)
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -311,7 +322,7 @@ def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp
         (folder / f"{i}.txt").write_text(f"a picture {i}")
     images = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True)
     cache = tmp_path / "cache"
-    build_cache(build_index(images)[0], _cache_cfg(images, cache), davae.encode, text, sample_prompts=["a fox"])
+    build_cache(build_index(images, grid.pixels)[0], _cache_cfg(images, cache), davae.encode, text, sample_prompts=["a fox"], grid=grid)
 
     def forbidden(*a, **k):
         raise AssertionError("training from a complete cache must not load or run the DA-VAE or a text encoder")

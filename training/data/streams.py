@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..common import derive_seed
-from .buckets import crop_to_bucket, fits_bucket, make_buckets, nearest_bucket
+from .buckets import GRID, admit, crop_to_bucket, make_buckets
 from .images import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, JSON_CAPTION_FIELDS, ImageDataConfig, crop_image
 
 logger = logging.getLogger("davae_training.data")
@@ -248,16 +248,17 @@ def make_source(config: ImageDataConfig):
 # ---------------------------------------------------------------------------- batches
 def sample_pixels(img, config: ImageDataConfig, buckets: list[tuple[int, int]] | None,
                   rng: np.random.Generator) -> tuple[torch.Tensor | None, str, int]:
-    """(pixels, "", bucket index) for a decoded image, or (None, why, -1) when it is too small;
-    the square crop counts as bucket 0."""
+    """(pixels, "", bucket index) for a decoded image, or (None, why, -1) when it is too small
+    (buckets: :func:`~davae_training.data.buckets.admit`, the folder index's rule too); the square
+    crop counts as bucket 0."""
     c = config
     if buckets is None:
         if min(img.size) < c.effective_min_size or min(img.size) < c.resolution:
             return None, f"{img.width}x{img.height} < {c.resolution}px", -1
         return crop_image(img, c.resolution, rng, c.crop, c.resize_short_side, c.random_flip), "", 0
-    b = nearest_bucket(img.width, img.height, buckets)
-    if not fits_bucket(img.width, img.height, buckets[b]):
-        return None, f"{img.width}x{img.height} smaller than its bucket {buckets[b][0]}x{buckets[b][1]}", -1
+    b, why = admit(img.width, img.height, buckets, c.min_size)
+    if b < 0:
+        return None, why, -1
     return crop_to_bucket(img, buckets[b], rng, c.crop, c.random_flip), "", b
 
 
@@ -271,7 +272,7 @@ class StreamingBatches(IterableDataset):
     """Endless micro-batches for one rank (see the module docstring); use with ``batch_size=None``."""
 
     def __init__(self, config: ImageDataConfig, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_micro_batch: int = 0, num_workers: int = 0):
+                 start_micro_batch: int = 0, num_workers: int = 0, bucket_grid: int = GRID):
         self.config = config
         self.source = make_source(config)
         self.batch_size = batch_size
@@ -280,7 +281,7 @@ class StreamingBatches(IterableDataset):
         self.world_size = world_size
         self.start = start_micro_batch
         self.num_workers = max(1, num_workers)
-        self.buckets = make_buckets(config.resolution, config.bucket_max_aspect) if config.buckets else None
+        self.buckets = make_buckets(config.resolution, config.bucket_max_aspect, bucket_grid) if config.buckets else None
         self.report = StreamReport()  # of the last slot iterated in this process
 
     def slot_of_worker(self, worker: int) -> tuple[int, int]:

@@ -14,10 +14,13 @@ writes ``data.cache_dir``:
   included) that fell into bucket ``B``, so a shard holds one latent shape.  Per sample: the
   normalised structured latent (``latents``, (32, H/16, W/16)), the text tokens (``embeds``,
   (T, joint_attention_dim)) and the pooled text vector (``pooled``), in ``cache_dtype``.
-  Without ``data.images.buckets`` every sample is a square centre crop in bucket 0.
+  Without ``data.images.buckets`` every sample is a square centre crop in bucket 0.  Bucket sides
+  (and the square side) are multiples of the DA-VAE factor times the transformer's patch size
+  (32 for SD3, :mod:`davae_training.stage2.latent_grid`), so every cached latent has whole patches.
 * ``prompts.safetensors``: the empty prompt's conditioning (prompt dropout) and the sample prompts'.
-* ``index.json``, written last: the settings the cache was built with, the bucket list, the
-  shards, and per sample its key, caption, shard, row and bucket.
+* ``index.json``, written last: the settings the cache was built with (the bucket grid among
+  them), the latent factor and patch size, the bucket list, the shards, and per sample its key,
+  caption, shard, row and bucket.
 
 Crops are centre crops, never flipped (random ones would freeze one draw per image anyway).
 Streams are read once, single process, in their own order (shards as listed, dataset rows in
@@ -50,12 +53,13 @@ from ..data.buckets import make_buckets
 from ..data.images import ImageDataConfig, ImageRecord, load_rgb, read_caption
 from ..data.streams import StreamReport, decode_rgb, make_source, sample_pixels
 from .config import CaptionDataConfig
+from .latent_grid import LatentGrid, check_latent_sides
 
 logger = logging.getLogger("davae_training.data")
 
 CACHE_INDEX = "index.json"
 CACHE_PROMPTS = "prompts.safetensors"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 2: shards per bucket; 3: the bucket grid of the transformer's patches
 TENSORS = ("latents", "embeds", "pooled")
 BUILD_COMMAND = "python -m davae_training.stage2.caption_cache --config CONFIG"
 
@@ -64,21 +68,23 @@ def cache_is_complete(cache_dir: str | os.PathLike | None) -> bool:
     return cache_dir is not None and (Path(cache_dir) / CACHE_INDEX).is_file()
 
 
-def cache_settings(images: ImageDataConfig) -> dict[str, Any]:
-    """The ``data.images`` settings that decide a cached latent's shape and crop; a cache serves
-    only a config that asks for the same."""
+def cache_settings(images: ImageDataConfig, bucket_grid: int | None) -> dict[str, Any]:
+    """The settings that decide a cached latent's shape and crop: ``data.images`` ones and, with
+    buckets, the bucket grid in pixels; a cache serves only a config that asks for the same."""
     settings: dict[str, Any] = {"resolution": int(images.resolution), "buckets": bool(images.buckets)}
     if images.buckets:
         settings["bucket_max_aspect"] = float(images.bucket_max_aspect)
+        settings["bucket_grid"] = None if bucket_grid is None else int(bucket_grid)
     else:
         settings["resize_short_side"] = bool(images.resize_short_side)
     return settings
 
 
 def _describe(settings: dict[str, Any]) -> str:
-    order = ("resolution", "buckets", "bucket_max_aspect", "resize_short_side")  # index.json stores keys sorted
+    order = ("resolution", "buckets", "bucket_max_aspect", "resize_short_side", "bucket_grid")  # index.json stores keys sorted
     keys = sorted(settings, key=lambda k: (order.index(k) if k in order else len(order), k))
-    return ", ".join(f"data.images.{k}={json.dumps(settings[k])}" for k in keys)
+    return ", ".join(f"bucket sides multiples of {settings[k]} px (DA-VAE factor x transformer patch)" if k == "bucket_grid"
+                     else f"data.images.{k}={json.dumps(settings[k])}" for k in keys)
 
 
 def check_cache_settings(root: Path, built: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -90,10 +96,10 @@ def check_cache_settings(root: Path, built: dict[str, Any], wanted: dict[str, An
         )
 
 
-def cache_buckets(images: ImageDataConfig) -> list[tuple[int, int]]:
+def cache_buckets(images: ImageDataConfig, bucket_grid: int) -> list[tuple[int, int]]:
     """(width, height) of each bucket; the square crop is the only bucket without ``data.images.buckets``."""
     if images.buckets:
-        return make_buckets(images.resolution, images.bucket_max_aspect)
+        return make_buckets(images.resolution, images.bucket_max_aspect, bucket_grid)
     return [(images.resolution, images.resolution)]
 
 
@@ -107,10 +113,12 @@ class CachedConditioningDataset(Dataset):
 
     Item ``k`` is sample ``k % n`` (the convention of :class:`davae_training.data.images.ResumableSampler`
     and :class:`davae_training.data.buckets.BucketBatchSampler`).  Tensors are returned in float32.
-    With ``expect`` (the config's ``data.images``) a cache built with other crop settings is refused.
+    With ``expect`` (the config's ``data.images``) a cache built with other crop settings is refused;
+    with ``patch_size`` (the transformer's) one whose latents are not whole patches, or whose buckets
+    are on another grid than the cache's latent factor times ``patch_size``, is refused too.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, expect: ImageDataConfig | None = None):
+    def __init__(self, cache_dir: str | os.PathLike, expect: ImageDataConfig | None = None, patch_size: int | None = None):
         self.root = Path(cache_dir)
         if not cache_is_complete(self.root):
             raise FileNotFoundError(f"{self.root}: no complete stage-2 cache (missing {CACHE_INDEX}); build it with {BUILD_COMMAND}")
@@ -119,11 +127,13 @@ class CachedConditioningDataset(Dataset):
         if version != CACHE_VERSION:
             raise ValueError(
                 f"{self.root}: cache version {version}, this code reads version {CACHE_VERSION} (shards per bucket, "
-                f"settings recorded); rebuild it with {BUILD_COMMAND} into another data.cache_dir (or after deleting {self.root})"
+                f"settings recorded, buckets on the transformer's patch grid); rebuild it with {BUILD_COMMAND} into another data.cache_dir (or after deleting {self.root})"
             )
         self.settings: dict[str, Any] = index["settings"]
+        self.latent_factor: int = int(index["latent_factor"])
         if expect is not None:
-            check_cache_settings(self.root, self.settings, cache_settings(expect))
+            grid = self.latent_factor * patch_size if patch_size else self.settings.get("bucket_grid")
+            check_cache_settings(self.root, self.settings, cache_settings(expect, grid))
         self.samples: list[dict[str, Any]] = index["samples"]
         self.shards: list[str] = index["shards"]
         self.buckets: list[tuple[int, int]] = [tuple(b) for b in index["buckets"]]
@@ -131,6 +141,10 @@ class CachedConditioningDataset(Dataset):
         self.text_encoder = index.get("text_encoder", "?")
         if not self.samples:
             raise ValueError(f"{self.root}: the cache holds no samples")
+        if patch_size is not None:
+            for b, shape in sorted(index.get("latent_shapes", {}).items()):
+                w, h = self.buckets[int(b)]
+                check_latent_sides(shape, patch_size, f"{self.root}: the cached latents of bucket {w}x{h}", self.latent_factor)
 
     @property
     def buckets_used(self) -> list[int]:
@@ -186,13 +200,13 @@ def _stream_candidates(images: ImageDataConfig, report: StreamReport) -> Iterato
         yield i, raw.key, (lambda raw=raw: (decode_rgb(raw.image), raw.caption))
 
 
-def _build_signature(config: CaptionDataConfig, text_name: str) -> dict[str, Any]:
+def _build_signature(config: CaptionDataConfig, text_name: str, grid: LatentGrid) -> dict[str, Any]:
     """What must match for a rerun to reuse shards already written."""
     im = config.images
     source = {"format": im.format, "sources": [str(s) for s in im.sources], "max_images": im.max_images}
     if im.format == "hf":
         source.update(image_column=im.hf_image_column, caption_column=im.hf_caption_column, split=im.hf_split)
-    return {"settings": cache_settings(im), "source": source, "shard_size": int(config.cache_shard_size),
+    return {"settings": cache_settings(im, grid.pixels), "source": source, "shard_size": int(config.cache_shard_size),
             "dtype": config.cache_dtype, "text_encoder": text_name}
 
 
@@ -200,10 +214,10 @@ class _CacheWriter:
     """Encodes one window of source positions at a time and writes its shards (one per bucket)."""
 
     def __init__(self, root: Path, config: CaptionDataConfig, signature: dict[str, Any], encode_images, text,
-                 device, report: StreamReport, rng: np.random.Generator):
-        self.root, self.config, self.signature = root, config, signature
+                 device, report: StreamReport, rng: np.random.Generator, grid: LatentGrid):
+        self.root, self.config, self.signature, self.grid = root, config, signature, grid
         self.images = ImageDataConfig(**{**config.images.__dict__, "crop": "center", "random_flip": False})
-        self.buckets = make_buckets(self.images.resolution, self.images.bucket_max_aspect) if self.images.buckets else None
+        self.buckets = cache_buckets(self.images, grid.pixels) if self.images.buckets else None
         self.encode_images, self.text, self.device, self.report, self.rng = encode_images, text, device, report, rng
         self.dtype = dtype_from_name(config.cache_dtype, "data.cache_dtype")
         self.encoded_windows = 0
@@ -243,8 +257,10 @@ class _CacheWriter:
                 return
             pixels = torch.stack([c[3] for c in chunk]).to(self.device)
             embeds, pooled = self.text.encode([c[2] for c in chunk])
+            latents = self.encode_images(pixels)
+            self.grid.check_latent(latents.shape, f"the DA-VAE's latents of {pixels.shape[-1]}x{pixels.shape[-2]} crops")
             out = encoded.setdefault(b, {k: [] for k in TENSORS})
-            out["latents"].append(self.encode_images(pixels).cpu().to(self.dtype))
+            out["latents"].append(latents.cpu().to(self.dtype))
             out["embeds"].append(embeds.cpu().to(self.dtype))
             out["pooled"].append(pooled.cpu().to(self.dtype))
             metas.setdefault(b, []).extend({"key": c[1], "caption": c[2], "position": c[0]} for c in chunk)
@@ -292,8 +308,13 @@ def build_cache(
     sample_prompts: list[str] = (),
     device: torch.device | str = "cpu",
     seed: int = 0,
+    *,
+    grid: LatentGrid,
 ) -> Path:
     """Encode every sample once: ``encode_images(pixels01) -> latents`` and ``text.encode(captions)``.
+
+    ``grid``: the DA-VAE's latent factor and the transformer's patch size; crops (square or
+    bucketed) have sides that are multiples of their product, and every latent is checked.
 
     ``records`` is the folder index (``data.images.format: folder``); streamed formats pass None
     and are read from ``data.images.sources``.  See the module docstring for the layout and restart.
@@ -308,17 +329,18 @@ def build_cache(
         raise ValueError("data.images.format folder: pass the records of its index (data.images.load_or_build_index)")
     if images.format != "folder" and records is not None:
         raise ValueError(f"data.images.format {images.format} is read from data.images.sources; pass records=None")
+    grid.check_image_size(images.resolution, images.resolution, "data.images.resolution")
     root = Path(config.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     if cache_is_complete(root):  # rebuilding over a finished cache is fine only with the same settings
         old = json.loads((root / CACHE_INDEX).read_text())
         if old.get("version") != CACHE_VERSION:
             raise ValueError(f"{root} holds a version-{old.get('version')} cache; delete it or choose another data.cache_dir")
-        check_cache_settings(root, old["settings"], cache_settings(images))
+        check_cache_settings(root, old["settings"], cache_settings(images, grid.pixels))
     text_name = getattr(text, "name", type(text).__name__)
-    signature = _build_signature(config, text_name)
+    signature = _build_signature(config, text_name, grid)
     report = StreamReport()
-    writer = _CacheWriter(root, config, signature, encode_images, text, device, report, np.random.default_rng(seed))
+    writer = _CacheWriter(root, config, signature, encode_images, text, device, report, np.random.default_rng(seed), grid)
     candidates = _folder_candidates(records) if records is not None else _stream_candidates(images, report)
     size = config.cache_shard_size
     shards: list[tuple[str, dict[str, Any]]] = []
@@ -364,7 +386,8 @@ def build_cache(
     with atomic_write(root / CACHE_PROMPTS) as tmp:
         save_file(prompt_tensors, str(tmp), metadata={"sample_prompts": json.dumps(list(sample_prompts))})
     index = {"version": CACHE_VERSION, "settings": signature["settings"], "source": signature["source"],
-             "buckets": [list(b) for b in cache_buckets(images)], "shard_size": size, "shards": [name for name, _ in shards],
+             "latent_factor": grid.latent_factor, "patch_size": grid.patch_size,
+             "buckets": [list(b) for b in cache_buckets(images, grid.pixels)], "shard_size": size, "shards": [name for name, _ in shards],
              "latent_shapes": latent_shapes, "shapes": shapes, "skipped": skipped, "samples": samples,
              "text_encoder": text_name, "dtype": config.cache_dtype}
     write_json_atomic(root / CACHE_INDEX, index, indent=None)  # last: its presence means the cache is complete
@@ -377,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..config import load_config
     from ..data.images import load_or_build_index
     from .config import AdapterTrainConfig, load_davae_for_training
+    from .model import read_patch_size
     from .text_conditioning import build_text_conditioner
 
     ap = argparse.ArgumentParser(prog="python -m davae_training.stage2.caption_cache", description="Build the stage-2 latent+text cache.")
@@ -386,14 +410,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = load_config(AdapterTrainConfig, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO)
+    if not cfg.model.pretrained:
+        raise ValueError("model.pretrained is empty: the cache needs the transformer's patch size for its bucket grid; "
+                         "set it to the SD3.5 folder or single file that stage 2 trains")
+    davae = load_davae_for_training(cfg.tokenizer, args.device)
+    grid = LatentGrid(davae.layout.factor, read_patch_size(cfg.model.pretrained))
     records = None
     if cfg.data.images.format == "folder":
         if cfg.data.images.index_cache is None:
             cfg.data.images.index_cache = str(Path(cfg.train.output_dir) / "data_index.json")
-        records, _ = load_or_build_index(cfg.data.images)
-    davae = load_davae_for_training(cfg.tokenizer, args.device)
+        records, _ = load_or_build_index(cfg.data.images, bucket_grid=grid.pixels)
     text = build_text_conditioner(cfg.text, cfg.model.pretrained, args.device)
-    build_cache(records, cfg.data, davae.encode, text, cfg.sampling.prompts, args.device, cfg.train.seed)
+    build_cache(records, cfg.data, davae.encode, text, cfg.sampling.prompts, args.device, cfg.train.seed, grid=grid)
 
 
 if __name__ == "__main__":
