@@ -353,3 +353,115 @@ def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp
     assert summary["step"] == 4 and np.isfinite(summary["last_logged"]["loss"])
     assert len(seen) == 4 and len(set(seen)) >= 2, seen  # batches of different buckets, one shape each
     assert {s[2:] for s in seen} <= {(6, 10), (10, 6), (8, 8)}
+
+
+# ---------------------------------------------------------------------------- the patch grid
+def _run_settings(tmp_path, fixtures_dir, folder, *more):
+    return [f"train.output_dir={tmp_path / 'run'}", f"model.pretrained={fixtures_dir / 'sd3_transformer'}",
+            f"tokenizer.path={fixtures_dir / 'davae' / 'davae_tiny.safetensors'}", f"data.images.sources=[{folder}]",
+            "data.images.resolution=128", "data.images.buckets=true", "train.max_steps=4", "train.checkpoint_every=0",
+            "train.image_every=0", "train.report_to=none", "train.log_every=1", "model.lora_rank=4", "model.lora_alpha=4",
+            "export.enabled=false", *more]
+
+
+def _train(cfg):
+    import davae_training.stage2.trainer as ta
+
+    try:
+        return ta.train(cfg)
+    finally:  # accelerate keeps process-wide state; leave none behind for other tests
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# 180x140 and 140x180 land in the 16-px buckets 144x112 / 112x144 (latents 9x7 / 7x9: odd sides)
+ODD_ON_16 = [(140, 180), (180, 140), (128, 213)]
+
+
+@pytest.mark.parametrize("source", ["pixels", "cache"])
+def test_bucket_stage2_run_where_16px_buckets_have_odd_latents_trains_on_even_latent_sides(
+        tmp_path, fixtures_dir, davae, text, grid, monkeypatch, source):
+    import davae_training.stage2.trainer as ta
+    from davae_training.config import load_config
+    from davae_training.data.buckets import nearest_bucket
+
+    on16 = make_buckets(128, grid=16)
+    odd = [on16[nearest_bucket(w, h, on16)] for h, w in ODD_ON_16[:2]]
+    assert all((w // 16) % 2 or (h // 16) % 2 for w, h in odd), odd  # the grid stage 1 uses would break stage 2 here
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(9):
+        h, w = ODD_ON_16[i % 3]
+        (folder / f"{i}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{i}.txt").write_text(f"a picture {i}")
+    more = ["data.images.crop=center"]
+    if source == "cache":
+        images = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True)
+        build_cache(build_index(images, grid.pixels)[0], _cache_cfg(images, tmp_path / "cache"), davae.encode, text, grid=grid)
+        more.append(f"data.cache_dir={tmp_path / 'cache'}")
+    seen = []
+    real_loss = ta.flow_matching_loss
+
+    def recording_loss(model_fn, latents, *a, **k):
+        out = model_fn(latents, torch.full((latents.shape[0],), 500.0))
+        seen.append((tuple(latents.shape), tuple(out.shape)))
+        return real_loss(model_fn, latents, *a, **k)
+
+    monkeypatch.setattr(ta, "flow_matching_loss", recording_loss)
+    summary = _train(load_config(AdapterTrainConfig, TINY_CONFIG, _run_settings(tmp_path, fixtures_dir, folder, *more)))
+    assert summary["step"] == 4 and np.isfinite(summary["last_logged"]["loss"])
+    assert len(seen) == 4 and len({s for s, _ in seen}) >= 2, seen  # batches of different buckets
+    for shape, out in seen:
+        assert shape[2] % 2 == 0 and shape[3] % 2 == 0, shape  # whole 2x2 patches
+        assert out == shape  # the transformer gives back the latent's shape
+    assert {s[2:] for s, _ in seen} <= {(8, 8), (6, 10)}  # buckets 128x128 and 160x96
+
+
+def test_bucket_grid_latents_off_the_patch_grid_are_refused_naming_the_shape_and_the_fix(
+        tmp_path, fixtures_dir, davae, text, grid):
+    from diffusers import SD3Transformer2DModel
+
+    from davae_training.config import load_config
+    from davae_training.stage2.model import AdapterModelConfig, prepare_adapter_model
+    from davae_training.stage2.sampler import sample_latents
+
+    # what the checks prevent: diffusers' SD3 silently returns a smaller latent for odd sides
+    stock = SD3Transformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()
+    odd = torch.randn(1, 16, 3, 6)
+    args = dict(timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 8, 64), pooled_projections=torch.randn(1, 32))
+    with torch.no_grad():
+        assert stock(hidden_states=odd, **args, return_dict=False)[0].shape == (1, 16, 2, 6)
+    # the stage-2 model refuses it
+    model = prepare_adapter_model(SD3Transformer2DModel(**TINY_TRANSFORMER_CONFIG), AdapterModelConfig(lora_rank=2, lora_alpha=2))
+    with pytest.raises(ValueError, match=r"\(1, 32, 3, 6\).*patch size 2.*height 2 or 4.*32 px for SD3"):
+        model(hidden_states=torch.randn(1, 32, 3, 6), **args)
+    assert model(hidden_states=torch.randn(1, 32, 4, 6), **args, return_dict=False)[0].shape == (1, 32, 4, 6)
+    # so does the sampler, before drawing any noise
+    with pytest.raises(ValueError, match=r"sample_latents\(latent_shape\).*\(32, 5, 5\)"):
+        sample_latents(model, args["encoder_hidden_states"], args["pooled_projections"], torch.zeros(8, 64), torch.zeros(32),
+                       (32, 5, 5), 2, 2.0, 3.0, torch.Generator().manual_seed(0))
+    # a run whose sample grids or training crops would be off the grid stops before its first step
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(_png(np.random.default_rng(0), 128, 128))
+    for setting in ("sampling.resolution", "data.images.resolution"):
+        cfg = load_config(AdapterTrainConfig, TINY_CONFIG, _run_settings(tmp_path, fixtures_dir, folder, "train.image_every=2",
+                                                                         "data.images.buckets=false", f"{setting}=80"))
+        with pytest.raises(ValueError, match=rf"{setting}=80 is not a multiple of 32 px.*Use 64 or 96"):
+            _train(cfg)
+        assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
+    # a cache on the 16-px grid (what stage 1's buckets would give) is refused when training opens it
+    images = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True)
+    for h, w in ODD_ON_16[:2]:
+        (folder / f"{w}x{h}.png").write_bytes(_png(np.random.default_rng(1), h, w))
+    build_cache(build_index(images, 16)[0], _cache_cfg(images, tmp_path / "cache16"), davae.encode, text,
+                grid=LatentGrid(davae.layout.factor, 1))
+    with pytest.raises(ValueError, match=r"bucket 112x144: latent of shape \(32, 9, 7\).*patch size 2.*multiples of 32 px.*width 96 or 128, height 128 or 160"):
+        CachedConditioningDataset(tmp_path / "cache16", patch_size=grid.patch_size)
+    with pytest.raises(ValueError, match=r"multiples of 16 px.*but the config asks for.*multiples of 32 px.*Rebuild"):
+        CachedConditioningDataset(tmp_path / "cache16", expect=images, patch_size=grid.patch_size)
+    # and a cache cannot be built off the grid either
+    with pytest.raises(ValueError, match=r"data.images.resolution=80 is not a multiple of 32 px"):
+        build_cache([], _cache_cfg(ImageDataConfig(sources=[str(folder)], resolution=80), tmp_path / "c80"), davae.encode, text, grid=grid)

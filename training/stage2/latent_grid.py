@@ -17,6 +17,8 @@ from typing import Sequence
 
 def _nearest(value: int, step: int) -> str:
     lower = value // step * step
+    if lower == value:
+        return f"{value}"
     return f"{lower} or {lower + step}" if lower > 0 else f"{step}"
 
 
@@ -31,7 +33,9 @@ def check_latent_sides(shape: Sequence[int], patch_size: int, what: str, latent_
         fix = (f"use image sides that are multiples of {grid} px (DA-VAE factor {latent_factor} x patch {patch_size}): "
                f"width {_nearest(w * latent_factor, grid)}, height {_nearest(h * latent_factor, grid)}")
     else:
-        fix = f"use latent sides that are multiples of {patch_size}: {_nearest(w, patch_size)} x {_nearest(h, patch_size)}"
+        fix = (f"use latent sides that are multiples of {patch_size} (width {_nearest(w, patch_size)}, height "
+               f"{_nearest(h, patch_size)}); for DA-VAE latents, image sides that are multiples of the DA-VAE's factor "
+               f"x {patch_size} ({16 * patch_size} px for SD3)")
     raise ValueError(
         f"{what}: latent of shape {tuple(int(s) for s in shape)} has a {w}x{h} grid, not a multiple of the "
         f"transformer's patch size {patch_size}; SD3 would silently drop its last row/column and return a smaller "
