@@ -465,3 +465,28 @@ def test_bucket_grid_latents_off_the_patch_grid_are_refused_naming_the_shape_and
     # and a cache cannot be built off the grid either
     with pytest.raises(ValueError, match=r"data.images.resolution=80 is not a multiple of 32 px"):
         build_cache([], _cache_cfg(ImageDataConfig(sources=[str(folder)], resolution=80), tmp_path / "c80"), davae.encode, text, grid=grid)
+
+
+def test_bucket_cache_command_takes_its_grid_from_the_davae_and_the_transformer(tmp_path, fixtures_dir, grid):
+    """``python -m davae_training.stage2.caption_cache``: the bucket grid is the DA-VAE file's factor
+    times the patch size in model.pretrained (a diffusers folder or a single file), not a constant."""
+    import davae_training.stage2.caption_cache as cc
+    from davae_training.stage2.model import read_patch_size
+
+    assert read_patch_size(fixtures_dir / "sd3_transformer") == 2
+    assert read_patch_size(fixtures_dir / "checkpoints" / "sd3_tiny.safetensors") == 2
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (h, w) in enumerate(ODD_ON_16):
+        (folder / f"{i}.png").write_bytes(_png(rng, h, w))
+    sets = [f"train.output_dir={tmp_path / 'run'}", f"model.pretrained={fixtures_dir / 'checkpoints' / 'sd3_tiny.safetensors'}",
+            f"tokenizer.path={fixtures_dir / 'davae' / 'davae_tiny.safetensors'}", f"data.images.sources=[{folder}]",
+            "data.images.resolution=128", "data.images.buckets=true", f"data.cache_dir={tmp_path / 'cache'}", "data.cache_dtype=float32"]
+    cc.main(["--config", str(TINY_CONFIG), "--device", "cpu", *[a for s in sets for a in ("--set", s)]])
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["settings"]["bucket_grid"] == grid.pixels == 32 and (index["latent_factor"], index["patch_size"]) == (16, 2)
+    assert all(w % 32 == 0 and h % 32 == 0 for w, h in index["buckets"])
+    assert all(shape[1] % 2 == 0 and shape[2] % 2 == 0 for shape in index["latent_shapes"].values())
+    with pytest.raises(ValueError, match="model.pretrained is empty"):
+        cc.main(["--config", str(TINY_CONFIG), "--device", "cpu", *[a for s in sets + ["model.pretrained=''"] for a in ("--set", s)]])
