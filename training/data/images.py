@@ -190,7 +190,7 @@ class SizeRule:
     ``data.resolution``); with buckets an image must cover its bucket (:func:`~.buckets.admit`, the
     rule of the streamed formats too), which a wide image with a short side below the resolution can."""
 
-    def __init__(self, config: "ImageDataConfig", bucket_grid: int = GRID):
+    def __init__(self, config: ImageDataConfig, bucket_grid: int = GRID):
         self.buckets = make_buckets(config.resolution, config.bucket_max_aspect, bucket_grid) if config.buckets else None
         self.min_size = config.min_size if config.buckets else config.effective_min_size
 
