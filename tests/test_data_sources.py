@@ -97,6 +97,44 @@ def test_bucket_folder_loader_batches_share_one_multiple_of_16_shape(tmp_path):
     assert resumed == [tuple(b["key"]) for b in batches[3:8]]
 
 
+@pytest.mark.parametrize("grid", [16, 32], ids=["stage1_grid", "stage2_grid"])
+def test_bucket_folder_index_keeps_images_that_cover_their_bucket_as_the_streams_do(tmp_path, grid):
+    """With buckets, a wide image whose short side is below data.resolution is kept when it covers
+    its bucket (the streamed formats' rule); square crops keep skipping it."""
+    from davae_training.data.buckets import admit
+    from davae_training.data.images import ImageDataset, build_index, load_or_build_index
+    from davae_training.data.streams import sample_pixels
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"wide": (96, 192), "tall": (192, 96), "square": (128, 128), "small_square": (96, 96), "small_wide": (60, 100)}
+    for name, (h, w) in sizes.items():
+        (folder / f"{name}.png").write_bytes(_png(rng, h, w))
+    index = str(tmp_path / "index.json")
+    cfg = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True, index_cache=index)
+    records, report = load_or_build_index(cfg, bucket_grid=grid)
+    assert sorted(r.key for r in records) == ["square", "tall", "wide"]
+    assert report.skipped_too_small == 2 and report.kept == 3
+    # the one rule: whatever the stream would crop, the index keeps, and nothing else
+    buckets = make_buckets(128, grid=grid)
+    for name, (h, w) in sizes.items():
+        img = Image.new("RGB", (w, h))
+        pixels, _, b = sample_pixels(img, cfg, buckets, np.random.default_rng(0))
+        assert (pixels is not None) == (name in {"square", "tall", "wide"}) == (admit(w, h, buckets)[0] >= 0), name
+    # the kept 96-px-tall image trains at its bucket's shape
+    data = ImageDataset(records, cfg, bucket_grid=grid)
+    wide = next(i for i, r in enumerate(records) if r.key == "wide")
+    bw, bh = data.buckets[data.bucket_of_record[wide]]
+    assert data[wide]["pixels"].shape == (3, bh, bw) and bh <= 96 and bw % grid == 0 and bh % grid == 0
+    # square crops still need a short side of data.resolution; the cached index is not reused for them
+    square = ImageDataConfig(sources=[str(folder)], resolution=128, index_cache=index)
+    assert [r.key for r in load_or_build_index(square)[0]] == ["square"]
+    # an explicit data.min_size still applies on top of the bucket rule
+    strict = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True, min_size=128)
+    assert [r.key for r in build_index(strict, grid)[0]] == ["square"]
+
+
 def test_webdataset_reads_plain_and_gzip_shards_skips_and_counts_corrupt_samples(shards, caplog):
     cfg = ImageDataConfig(sources=[str(shards / "shard-000.tar"), str(shards / "shard-{001..001}.tar.gz")],
                           format="webdataset", resolution=64, shuffle_buffer=4)

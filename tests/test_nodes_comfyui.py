@@ -153,6 +153,35 @@ def test_zero_heads_reproduce_stock_base_channels_exactly(tiny_model):
     assert not torch.equal(da[:, 16:], torch.zeros_like(da[:, 16:]))
 
 
+def test_odd_latent_sides_are_padded_to_whole_patches_and_keep_their_shape(tiny_model, fixtures_dir):
+    """A DA latent of a size that is a multiple of 16 but not of 32 has odd sides (240x208 px -> 15x13
+    cells).  ComfyUI's SD3 pads it circularly to whole 2x2 patches and crops the output back, before
+    and after the patched P+P' / O+O', so it samples at its own shape; zero heads still reproduce
+    the stock model's base channels on that grid exactly."""
+    gen = torch.Generator().manual_seed(9)
+    base, noise_base, noise_detail = (torch.randn(1, 16, 15, 13, generator=gen) for _ in range(3))
+    stock = _sample(tiny_model, base, noise_base)
+    assert stock.shape == (1, 16, 15, 13)
+    da = _sample(_patch(tiny_model), torch.cat([base, torch.zeros_like(base)], 1), torch.cat([noise_base, noise_detail], 1))
+    assert da.shape == (1, 32, 15, 13) and torch.equal(da[:, :16], stock)
+    heads = _sample(_patch(tiny_model, _heads_file(fixtures_dir)), torch.zeros(1, 32, 15, 13), torch.cat([noise_base, noise_detail], 1))
+    assert heads.shape == (1, 32, 15, 13) and torch.isfinite(heads).all()
+    # through the nodes: Empty Structured Latent at 208x240 -> KSampler on the patched model -> a 208x240 image
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3_tiny.safetensors"}},
+        "2": {"class_type": "DASD3ModelPatch", "inputs": {"model": ["1", 0], "heads": "da_heads_tiny.safetensors"}},
+        "3": {"class_type": "DATestConditioning", "inputs": {"text": "a fox"}},
+        "4": {"class_type": "DAEmptyStructuredLatent", "inputs": {"width": 208, "height": 240, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "seed": 0, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "DAVAELoader", "inputs": {"davae_name": "davae_tiny.safetensors", "dtype": "default"}},
+        "7": {"class_type": "DAStructuredLatentDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0], "tile_size": 0, "overlap": 0}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
+    assert harness.saved_image_sizes(harness.run_prompt(prompt)) == {"8": [(208, 240)]}
+
+
 def test_heads_file_and_lora_change_output_and_unload_cleanly(tiny_model, fixtures_dir):
     import comfy.model_management
     import comfy.sd

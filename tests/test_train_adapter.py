@@ -227,19 +227,21 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
     from davae_training.stage2.config import AdapterTrainConfig
     from davae_training.data.images import ImageDataConfig, ImageDataset, build_index
     from davae_training.stage2.text_conditioning import SD3TextConditioner
+    from davae_training.stage2.latent_grid import LatentGrid
 
     images_cfg = ImageDataConfig(sources=[str(images)], resolution=64, crop="center")
     records, _ = build_index(images_cfg)
     davae = load_davae(fixtures_dir / "davae" / "davae_tiny.safetensors").eval()
     text = SD3TextConditioner(sd35_folder, max_sequence_length=16)
     cache = tmp_path / "cache"
+    grid = LatentGrid(davae.layout.factor, TINY_TRANSFORMER_CONFIG["patch_size"])  # whole 2x2 patches: 32-px crops
     cache_cfg = CaptionDataConfig(images=images_cfg, cache_dir=str(cache), cache_dtype="float32", cache_shard_size=3)
-    build_cache(records, cache_cfg, davae.encode, text, sample_prompts=["a fox"])
+    build_cache(records, cache_cfg, davae.encode, text, sample_prompts=["a fox"], grid=grid)
     # an interrupted build (no index yet, a shard missing) resumes and ends with the same index
     index = (cache / "index.json").read_text()
     (cache / "index.json").unlink()
-    (cache / "shard-00001.safetensors").unlink()
-    build_cache(records, cache_cfg, davae.encode, text, sample_prompts=["a fox"])
+    (cache / "shard-00001-b000.safetensors").unlink()
+    build_cache(records, cache_cfg, davae.encode, text, sample_prompts=["a fox"], grid=grid)
     assert (cache / "index.json").read_text() == index
     data = CachedConditioningDataset(cache)
     assert len(data) == 8

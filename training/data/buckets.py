@@ -1,9 +1,13 @@
 """Aspect-ratio buckets: train on whole images at several shapes instead of square crops only.
 
-A bucket is a (width, height) with both sides multiples of 16 (the DA-VAE's detail grid: 8x VAE
-down-sampling times the 2x2 patch) and an area close to ``resolution**2``.  Every image goes to
-the bucket whose aspect ratio is nearest its own (in log space), is scaled down to cover it and
-cropped to it; every micro-batch holds images of one bucket only.
+A bucket is a (width, height) with both sides multiples of a pixel ``grid`` and an area close to
+``resolution**2``.  The grid is the stage's: stage 1 uses :data:`GRID` (16, the DA-VAE's latent
+factor: 8x VAE down-sampling of the half-size image), stage 2 the DA-VAE factor times the
+transformer's patch size (32 for SD3, :mod:`davae_training.stage2.latent_grid`), since a latent side
+that is not a multiple of the patch breaks the transformer.  Every image goes to the bucket whose
+aspect ratio is nearest its own (in log space), is scaled down to cover it and cropped to it;
+an image that does not cover its bucket is skipped (:func:`admit`); every micro-batch holds
+images of one bucket only.
 
 :class:`BucketBatchSampler` is the bucketed twin of :class:`~davae_training.data.images.ResumableSampler`:
 an endless, seeded, rank-aware list of micro-batches that restarts exactly at any micro-batch.
@@ -20,7 +24,7 @@ from torch.utils.data import Sampler
 
 from ..common import derive_seed
 
-GRID = 16  # sides are multiples of this
+GRID = 16  # stage 1's bucket sides are multiples of this (the DA-VAE's latent factor)
 
 
 def make_buckets(resolution: int, max_aspect: float = 2.0, grid: int = GRID) -> list[tuple[int, int]]:
@@ -53,6 +57,19 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> i
 def fits_bucket(width: int, height: int, bucket: tuple[int, int]) -> bool:
     """The image covers the bucket without upscaling (upscaling would invent detail)."""
     return width >= bucket[0] and height >= bucket[1]
+
+
+def admit(width: int, height: int, buckets: list[tuple[int, int]], min_size: int | None = None) -> tuple[int, str]:
+    """(bucket index, "") for an image that covers its bucket, or (-1, why it is skipped).
+
+    The one rule of the folder index and the streamed formats: the nearest bucket must fit without
+    upscaling; ``min_size`` (``data.min_size`` when set) additionally skips short sides below it."""
+    b = nearest_bucket(width, height, buckets)
+    if not fits_bucket(width, height, buckets[b]):
+        return -1, f"{width}x{height} smaller than its bucket {buckets[b][0]}x{buckets[b][1]}"
+    if min_size is not None and min(width, height) < min_size:
+        return -1, f"{width}x{height}: shorter side below data.min_size {min_size}"
+    return b, ""
 
 
 def crop_to_tensor(img, width: int, height: int, rng: np.random.Generator, crop: str = "random",

@@ -4,7 +4,8 @@ Stable API (stage 1 and stage 2 build on it):
 
 * :class:`ImageDataConfig` - where the images are and how to crop them;
 * :func:`build_index` / :func:`load_or_build_index` -> (``list[ImageRecord]``, :class:`ScanReport`):
-  one scan that skips and counts images smaller than the training resolution and unreadable
+  one scan that skips and counts images too small to train on (square crops: shorter side below
+  ``min_size``; buckets: not covering their bucket, as the streamed formats decide) and unreadable
   files (logged by name), never raising on bad data;
 * :class:`ImageDataset` - map-style; item ``k`` is record ``k % n`` in "epoch" ``k // n``, and the
   random crop/flip of an item depends only on ``(seed, epoch, index)``;
@@ -39,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..common import derive_seed
-from .buckets import crop_to_tensor
+from .buckets import GRID, admit, crop_to_tensor, make_buckets, nearest_bucket
 
 logger = logging.getLogger("davae_training.data")
 
@@ -57,7 +58,9 @@ class ImageDataConfig:
 
     sources: list[str] = field(default_factory=list)
     resolution: int = 256  # square crop side in pixels
-    min_size: int | None = None  # shorter side below this is skipped; default: resolution
+    # shorter side below this is skipped; default: resolution for square crops, and with buckets
+    # only the bucket rule (an image must cover its bucket; a set min_size applies on top)
+    min_size: int | None = None
     crop: str = "random"  # "random" | "center"
     resize_short_side: bool = False  # first scale the image so its short side == resolution
     random_flip: bool = False
@@ -127,7 +130,7 @@ class ScanReport:
     def summary(self) -> str:
         return (
             f"{self.kept} images kept, {self.skipped_too_small} skipped as smaller than the training "
-            f"resolution, {self.skipped_unreadable} skipped as unreadable"
+            f"resolution (or their bucket), {self.skipped_unreadable} skipped as unreadable"
         )
 
 
@@ -182,7 +185,28 @@ def _probe_size(data: bytes | str, verify: bool = False) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _scan_folder(root: Path, min_size: int, report: ScanReport, verify: bool = False) -> list[ImageRecord]:
+class SizeRule:
+    """Which images the index keeps: square crops need a shorter side of ``data.min_size`` (default
+    ``data.resolution``); with buckets an image must cover its bucket (:func:`~.buckets.admit`, the
+    rule of the streamed formats too), which a wide image with a short side below the resolution can."""
+
+    def __init__(self, config: ImageDataConfig, bucket_grid: int = GRID):
+        self.buckets = make_buckets(config.resolution, config.bucket_max_aspect, bucket_grid) if config.buckets else None
+        self.min_size = config.min_size if config.buckets else config.effective_min_size
+
+    def too_small(self, width: int, height: int) -> bool:
+        if self.buckets is None:
+            return min(width, height) < self.min_size
+        return admit(width, height, self.buckets, self.min_size)[0] < 0
+
+    def describe(self) -> str:
+        if self.buckets is None:
+            return f"images need a shorter side >= {self.min_size} px (data.resolution / data.min_size)"
+        return ("images need to cover their aspect-ratio bucket (" + ", ".join(f"{w}x{h}" for w, h in self.buckets)
+                + ")" + (f" and a shorter side >= {self.min_size} px (data.min_size)" if self.min_size else ""))
+
+
+def _scan_folder(root: Path, rule: SizeRule, report: ScanReport, verify: bool = False) -> list[ImageRecord]:
     from tqdm.auto import tqdm
 
     files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image_name(p.name))
@@ -193,7 +217,7 @@ def _scan_folder(root: Path, min_size: int, report: ScanReport, verify: bool = F
         except Exception as e:  # PIL raises many types on bad files
             report.note("unreadable", str(p), f"{type(e).__name__}: {e}")
             continue
-        if min(w, h) < min_size:
+        if rule.too_small(w, h):
             report.note("too_small", str(p))
             continue
         key = str(p.relative_to(root).with_suffix(""))
@@ -209,7 +233,7 @@ def _sample_key(member_name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), (dot + rest).lower()
 
 
-def _scan_shard(shard: Path, min_size: int, report: ScanReport, verify: bool = False) -> list[ImageRecord]:
+def _scan_shard(shard: Path, rule: SizeRule, report: ScanReport, verify: bool = False) -> list[ImageRecord]:
     if shard.suffix != ".tar" or shard.name.endswith((".tar.gz", ".tgz")):
         raise ValueError(f"{shard}: only uncompressed .tar shards can be read by offset; decompress it (e.g. gunzip) first")
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -243,7 +267,7 @@ def _scan_shard(shard: Path, min_size: int, report: ScanReport, verify: bool = F
             except Exception as e:
                 report.note("unreadable", name, f"{type(e).__name__}: {e}")
                 continue
-            if min(w, h) < min_size:
+            if rule.too_small(w, h):
                 report.note("too_small", name)
                 continue
             rec = ImageRecord(key=f"{shard.name}/{key}", path=str(shard), width=w, height=h, offset=m.offset_data, size=m.size)
@@ -258,25 +282,26 @@ def _scan_shard(shard: Path, min_size: int, report: ScanReport, verify: bool = F
     return records
 
 
-def build_index(config: ImageDataConfig) -> tuple[list[ImageRecord], ScanReport]:
-    """Scan every source once; bad or small images are counted and skipped, never fatal."""
+def build_index(config: ImageDataConfig, bucket_grid: int = GRID) -> tuple[list[ImageRecord], ScanReport]:
+    """Scan every source once; bad or small images are counted and skipped, never fatal.
+    ``bucket_grid``: the stage's bucket grid in pixels (see data/buckets.py), used with ``data.buckets``."""
     if not config.sources:
         raise ValueError("data.sources is empty: list image folders and/or .tar shards in the config")
     report = ScanReport()
     records: list[ImageRecord] = []
-    min_size = config.effective_min_size
+    rule = SizeRule(config, bucket_grid)
     for path in _expand_sources(list(config.sources)):
         if path.is_dir():
-            records.extend(_scan_folder(path, min_size, report, config.verify_images))
+            records.extend(_scan_folder(path, rule, report, config.verify_images))
         elif path.suffix == ".tar" or path.name.endswith((".tar.gz", ".tgz")):
-            records.extend(_scan_shard(path, min_size, report, config.verify_images))
+            records.extend(_scan_shard(path, rule, report, config.verify_images))
         elif _is_image_name(path.name):
             try:
                 w, h = _probe_size(str(path), config.verify_images)
             except Exception as e:
                 report.note("unreadable", str(path), f"{type(e).__name__}: {e}")
                 continue
-            if min(w, h) < min_size:
+            if rule.too_small(w, h):
                 report.note("too_small", str(path))
                 continue
             records.append(ImageRecord(key=path.stem, path=str(path), width=w, height=h))
@@ -288,24 +313,26 @@ def build_index(config: ImageDataConfig) -> tuple[list[ImageRecord], ScanReport]
     logger.info("data: %s", report.summary())
     if not records:
         raise ValueError(
-            f"no usable images in {list(config.sources)} ({report.summary()}); images need a shorter side "
-            f">= {min_size} px (data.resolution / data.min_size)"
+            f"no usable images in {list(config.sources)} ({report.summary()}); {rule.describe()}"
         )
     return records, report
 
 
-def _index_signature(config: ImageDataConfig) -> dict[str, Any]:
-    return {"version": INDEX_VERSION, "sources": [str(s) for s in config.sources],
-            "min_size": config.effective_min_size, "max_images": config.max_images,
-            "verify": config.verify_images}
+def _index_signature(config: ImageDataConfig, bucket_grid: int = GRID) -> dict[str, Any]:
+    sig = {"version": INDEX_VERSION, "sources": [str(s) for s in config.sources],
+           "min_size": config.effective_min_size, "max_images": config.max_images,
+           "verify": config.verify_images}
+    if config.buckets:  # the kept images depend on the buckets
+        sig.update(min_size=config.min_size, buckets=[config.resolution, config.bucket_max_aspect, bucket_grid])
+    return sig
 
 
-def load_or_build_index(config: ImageDataConfig, accelerator=None) -> tuple[list[ImageRecord], ScanReport]:
+def load_or_build_index(config: ImageDataConfig, accelerator=None, bucket_grid: int = GRID) -> tuple[list[ImageRecord], ScanReport]:
     """:func:`build_index`, cached in ``config.index_cache``: a resumed run sees exactly the same
     records even if files were added meanwhile.  With an accelerator, the main process scans and
     the others read its cache."""
     cache = Path(config.index_cache) if config.index_cache else None
-    sig = _index_signature(config)
+    sig = _index_signature(config, bucket_grid)
 
     def read_cache() -> tuple[list[ImageRecord], ScanReport] | None:
         if cache is None or not cache.is_file():
@@ -317,7 +344,7 @@ def load_or_build_index(config: ImageDataConfig, accelerator=None) -> tuple[list
         return [ImageRecord(**r) for r in data["records"]], ScanReport(**data["report"])
 
     def build_and_write() -> tuple[list[ImageRecord], ScanReport]:
-        records, report = build_index(config)
+        records, report = build_index(config, bucket_grid)
         if cache is not None:
             from davae_core.atomic_files import write_json_atomic
 
@@ -332,7 +359,7 @@ def load_or_build_index(config: ImageDataConfig, accelerator=None) -> tuple[list
     if not accelerator.is_main_process:
         result = read_cache() if cache is not None else None
         if result is None:
-            result = build_index(config)  # no shared cache: each rank scans (same sorted result)
+            result = build_index(config, bucket_grid)  # no shared cache: each rank scans (same sorted result)
     return result
 
 
@@ -400,7 +427,7 @@ class ImageDataset(Dataset):
     catch) is logged and replaced by the next record, deterministically.
     """
 
-    def __init__(self, records: list[ImageRecord], config: ImageDataConfig, seed: int = 0):
+    def __init__(self, records: list[ImageRecord], config: ImageDataConfig, seed: int = 0, bucket_grid: int = GRID):
         if not records:
             raise ValueError("ImageDataset needs at least one record")
         self.records = records
@@ -410,9 +437,7 @@ class ImageDataset(Dataset):
         self.buckets: list[tuple[int, int]] | None = None
         self.bucket_of_record: list[int] | None = None
         if config.buckets:
-            from .buckets import make_buckets, nearest_bucket
-
-            self.buckets = make_buckets(config.resolution, config.bucket_max_aspect)
+            self.buckets = make_buckets(config.resolution, config.bucket_max_aspect, bucket_grid)
             self.bucket_of_record = [nearest_bucket(r.width, r.height, self.buckets) for r in records]
 
     def __len__(self) -> int:

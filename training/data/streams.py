@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..common import derive_seed
-from .buckets import crop_to_bucket, fits_bucket, make_buckets, nearest_bucket
+from .buckets import GRID, admit, crop_to_bucket, make_buckets
 from .images import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, JSON_CAPTION_FIELDS, ImageDataConfig, crop_image
 
 logger = logging.getLogger("davae_training.data")
@@ -132,20 +132,27 @@ class WebDatasetSource:
         self.shards = expand_shards(list(config.sources))
 
     def samples(self, epoch: int, slot: int, slots: int, seed: int, report: StreamReport) -> Iterator[RawSample]:
-        import webdataset as wds
-
         shards, by_sample = _split(self.shards, slot, slots, epoch, seed)
-
-        def on_error(exc: Exception) -> bool:  # a broken shard: count it, keep going
-            report.skip("corrupt", "shard", f"{type(exc).__name__}: {exc}", slot)
-            return True
-
-        # grouped by key as WebDataset defines it: the member path up to the base name's first dot
-        grouped = wds.tarfile_samples([{"url": s} for s in shards], handler=on_error)
-        for j, sample in enumerate(grouped):
+        for j, sample in enumerate(_read_shards(shards, report, slot)):
             if by_sample and j % slots != slot:
                 continue
-            yield _webdataset_sample(sample)
+            yield sample
+
+    def in_order(self, report: StreamReport) -> Iterator[RawSample]:
+        """Every sample once, shards in their listed order, no shuffling (what the cache reads)."""
+        yield from _read_shards(self.shards, report, 0)
+
+
+def _read_shards(shards: list[str], report: StreamReport, slot: int) -> Iterator[RawSample]:
+    import webdataset as wds
+
+    def on_error(exc: Exception) -> bool:  # a broken shard: count it, keep going
+        report.skip("corrupt", "shard", f"{type(exc).__name__}: {exc}", slot)
+        return True
+
+    # grouped by key as WebDataset defines it: the member path up to the base name's first dot
+    for sample in wds.tarfile_samples([{"url": s} for s in shards], handler=on_error):
+        yield _webdataset_sample(sample)
 
 
 def _webdataset_sample(grouped: dict[str, Any]) -> RawSample:
@@ -222,6 +229,13 @@ class HFSource:
             if j % slots == slot:
                 yield self._raw(str(j), row)
 
+    def in_order(self, report: StreamReport) -> Iterator[RawSample]:
+        """Every row once in the dataset's own order, no shuffling (what the cache reads);
+        keys are row numbers, as in :meth:`samples`."""
+        rows = (self.ds[i] for i in range(len(self.ds))) if self.map_style else iter(self.ds)
+        for j, row in enumerate(rows):
+            yield self._raw(str(j), row)
+
 
 def make_source(config: ImageDataConfig):
     if config.format == "webdataset":
@@ -232,6 +246,22 @@ def make_source(config: ImageDataConfig):
 
 
 # ---------------------------------------------------------------------------- batches
+def sample_pixels(img, config: ImageDataConfig, buckets: list[tuple[int, int]] | None,
+                  rng: np.random.Generator) -> tuple[torch.Tensor | None, str, int]:
+    """(pixels, "", bucket index) for a decoded image, or (None, why, -1) when it is too small
+    (buckets: :func:`~davae_training.data.buckets.admit`, the folder index's rule too); the square
+    crop counts as bucket 0."""
+    c = config
+    if buckets is None:
+        if min(img.size) < c.effective_min_size or min(img.size) < c.resolution:
+            return None, f"{img.width}x{img.height} < {c.resolution}px", -1
+        return crop_image(img, c.resolution, rng, c.crop, c.resize_short_side, c.random_flip), "", 0
+    b, why = admit(img.width, img.height, buckets, c.min_size)
+    if b < 0:
+        return None, why, -1
+    return crop_to_bucket(img, buckets[b], rng, c.crop, c.random_flip), "", b
+
+
 def _collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
     return {"pixels": torch.stack([it["pixels"] for it in items]), "caption": [it["caption"] for it in items],
             "key": [it["key"] for it in items], "index": torch.tensor([it["index"] for it in items]),
@@ -242,7 +272,7 @@ class StreamingBatches(IterableDataset):
     """Endless micro-batches for one rank (see the module docstring); use with ``batch_size=None``."""
 
     def __init__(self, config: ImageDataConfig, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_micro_batch: int = 0, num_workers: int = 0):
+                 start_micro_batch: int = 0, num_workers: int = 0, bucket_grid: int = GRID):
         self.config = config
         self.source = make_source(config)
         self.batch_size = batch_size
@@ -251,7 +281,7 @@ class StreamingBatches(IterableDataset):
         self.world_size = world_size
         self.start = start_micro_batch
         self.num_workers = max(1, num_workers)
-        self.buckets = make_buckets(config.resolution, config.bucket_max_aspect) if config.buckets else None
+        self.buckets = make_buckets(config.resolution, config.bucket_max_aspect, bucket_grid) if config.buckets else None
         self.report = StreamReport()  # of the last slot iterated in this process
 
     def slot_of_worker(self, worker: int) -> tuple[int, int]:
@@ -273,15 +303,8 @@ class StreamingBatches(IterableDataset):
                 yield batch
 
     def _pixels(self, img, rng: np.random.Generator) -> tuple[torch.Tensor | None, str]:
-        c = self.config
-        if self.buckets is None:
-            if min(img.size) < c.effective_min_size or min(img.size) < c.resolution:
-                return None, f"{img.width}x{img.height} < {c.resolution}px"
-            return crop_image(img, c.resolution, rng, c.crop, c.resize_short_side, c.random_flip), ""
-        bucket = self.buckets[nearest_bucket(img.width, img.height, self.buckets)]
-        if not fits_bucket(img.width, img.height, bucket):
-            return None, f"{img.width}x{img.height} smaller than its bucket {bucket[0]}x{bucket[1]}"
-        return crop_to_bucket(img, bucket, rng, c.crop, c.random_flip), ""
+        pixels, why, _ = sample_pixels(img, self.config, self.buckets, rng)
+        return pixels, why
 
     def slot_batches(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         report = self.report = StreamReport()

@@ -1,31 +1,46 @@
 """Image + caption pairs for stage 2, and an on-disk cache of what the transformer reads.
 
-Pairs come from :mod:`davae_training.data.images` (folders with sidecar ``.txt`` captions, or WebDataset
-``.tar`` shards with ``.txt``/``.json`` captions); captions are kept (the authors' loader
-drops them).  Training can run straight from pixels (the DA-VAE and the text encoders run
-every step) or from a cache:
+Pairs come from ``data.images`` (:mod:`davae_training.data.images`: folders with sidecar ``.txt``
+captions or uncompressed ``.tar`` shards; :mod:`davae_training.data.streams`: WebDataset shards or
+a Hugging Face dataset); captions are kept (the authors' loader drops them).  Training can run
+straight from pixels (the DA-VAE and the text encoders run every step) or from a cache:
 
     python -m davae_training.stage2.caption_cache --config training/configs/sd35m_1024.yaml
 
-writes ``data.cache_dir``: ``shard-00000.safetensors ...`` holding, per sample, the
-normalised structured latent (``latents``, (32, H/16, W/16)), the text tokens (``embeds``,
-(T, joint_attention_dim)) and the pooled text vector (``pooled``), in ``cache_dtype``;
-``prompts.safetensors`` with the empty prompt's conditioning (prompt dropout) and the sample
-prompts'; ``index.json`` with keys, captions and shapes.  A run with a complete cache touches
-neither the VAE nor the text encoders.  Crops in the cache are the centre crops (random crops
-would freeze one draw per image anyway).
+writes ``data.cache_dir``:
+
+* ``shard-WWWWW-bBBB.safetensors``: the samples of source window ``W`` (``cache_shard_size``
+  consecutive source positions: records of a folder index, or samples of a stream, corrupt ones
+  included) that fell into bucket ``B``, so a shard holds one latent shape.  Per sample: the
+  normalised structured latent (``latents``, (32, H/16, W/16)), the text tokens (``embeds``,
+  (T, joint_attention_dim)) and the pooled text vector (``pooled``), in ``cache_dtype``.
+  Without ``data.images.buckets`` every sample is a square centre crop in bucket 0.  Bucket sides
+  (and the square side) are multiples of the DA-VAE factor times the transformer's patch size
+  (32 for SD3, :mod:`davae_training.stage2.latent_grid`), so every cached latent has whole patches.
+* ``prompts.safetensors``: the empty prompt's conditioning (prompt dropout) and the sample prompts'.
+* ``index.json``, written last: the settings the cache was built with (the bucket grid among
+  them), the latent factor and patch size, the bucket list, the shards, and per sample its key,
+  caption, shard, row and bucket.
+
+Crops are centre crops, never flipped (random ones would freeze one draw per image anyway).
+Streams are read once, single process, in their own order (shards as listed, dataset rows in
+order), without shuffling; corrupt or too-small samples are skipped and counted in the log as in
+training.  Restart: shards are written atomically once their window is encoded; a rerun reads
+the source again (the order is deterministic) and encodes only the windows whose shards are
+missing, so it ends with the same files as an uninterrupted build.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -34,54 +49,117 @@ from torch.utils.data import Dataset
 from davae_core.atomic_files import atomic_write, write_json_atomic
 from davae_core.dtypes import dtype_from_name
 
-from ..data.images import ImageDataConfig, ImageDataset, ImageRecord
+from ..data.buckets import make_buckets
+from ..data.images import ImageDataConfig, ImageRecord, load_rgb, read_caption
+from ..data.streams import StreamReport, decode_rgb, make_source, sample_pixels
 from .config import CaptionDataConfig
+from .latent_grid import LatentGrid, check_latent_sides
 
 logger = logging.getLogger("davae_training.data")
 
 CACHE_INDEX = "index.json"
 CACHE_PROMPTS = "prompts.safetensors"
-CACHE_VERSION = 1
+CACHE_VERSION = 3  # 2: shards per bucket; 3: the bucket grid of the transformer's patches
+TENSORS = ("latents", "embeds", "pooled")
+BUILD_COMMAND = "python -m davae_training.stage2.caption_cache --config CONFIG"
 
 
 def cache_is_complete(cache_dir: str | os.PathLike | None) -> bool:
     return cache_dir is not None and (Path(cache_dir) / CACHE_INDEX).is_file()
 
 
-class CachedConditioningDataset(Dataset):
-    """Items ``{"latents", "embeds", "pooled", "caption", "key", "index"}`` from a cache.
+def cache_settings(images: ImageDataConfig, bucket_grid: int | None) -> dict[str, Any]:
+    """The settings that decide a cached latent's shape and crop: ``data.images`` ones and, with
+    buckets, the bucket grid in pixels; a cache serves only a config that asks for the same."""
+    settings: dict[str, Any] = {"resolution": int(images.resolution), "buckets": bool(images.buckets)}
+    if images.buckets:
+        settings["bucket_max_aspect"] = float(images.bucket_max_aspect)
+        settings["bucket_grid"] = None if bucket_grid is None else int(bucket_grid)
+    else:
+        settings["resize_short_side"] = bool(images.resize_short_side)
+    return settings
 
-    Item ``k`` is sample ``k % n`` (the convention of :class:`davae_training.data.images.ResumableSampler`).
-    Tensors are returned in float32.
+
+def _describe(settings: dict[str, Any]) -> str:
+    order = ("resolution", "buckets", "bucket_max_aspect", "resize_short_side", "bucket_grid")  # index.json stores keys sorted
+    keys = sorted(settings, key=lambda k: (order.index(k) if k in order else len(order), k))
+    return ", ".join(f"bucket sides multiples of {settings[k]} px (DA-VAE factor x transformer patch)" if k == "bucket_grid"
+                     else f"data.images.{k}={json.dumps(settings[k])}" for k in keys)
+
+
+def check_cache_settings(root: Path, built: dict[str, Any], wanted: dict[str, Any]) -> None:
+    if built != wanted:
+        raise ValueError(
+            f"{root}: the cache was built with {_describe(built)}, but the config asks for {_describe(wanted)}. "
+            f"Rebuild it for this config ({BUILD_COMMAND}) into another data.cache_dir (or after deleting {root}), "
+            "or set data.cache_dir to a cache built with these settings."
+        )
+
+
+def cache_buckets(images: ImageDataConfig, bucket_grid: int) -> list[tuple[int, int]]:
+    """(width, height) of each bucket; the square crop is the only bucket without ``data.images.buckets``."""
+    if images.buckets:
+        return make_buckets(images.resolution, images.bucket_max_aspect, bucket_grid)
+    return [(images.resolution, images.resolution)]
+
+
+def shard_name(window: int, bucket: int) -> str:
+    return f"shard-{window:05d}-b{bucket:03d}.safetensors"
+
+
+# ---------------------------------------------------------------------------- reading a cache
+class CachedConditioningDataset(Dataset):
+    """Items ``{"latents", "embeds", "pooled", "caption", "key", "index", "bucket"}`` from a cache.
+
+    Item ``k`` is sample ``k % n`` (the convention of :class:`davae_training.data.images.ResumableSampler`
+    and :class:`davae_training.data.buckets.BucketBatchSampler`).  Tensors are returned in float32.
+    With ``expect`` (the config's ``data.images``) a cache built with other crop settings is refused;
+    with ``patch_size`` (the transformer's) one whose latents are not whole patches, or whose buckets
+    are on another grid than the cache's latent factor times ``patch_size``, is refused too.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike):
+    def __init__(self, cache_dir: str | os.PathLike, expect: ImageDataConfig | None = None, patch_size: int | None = None):
         self.root = Path(cache_dir)
         if not cache_is_complete(self.root):
-            raise FileNotFoundError(
-                f"{self.root}: no complete stage-2 cache (missing {CACHE_INDEX}); build it with "
-                "python -m davae_training.stage2.caption_cache --config CONFIG"
-            )
+            raise FileNotFoundError(f"{self.root}: no complete stage-2 cache (missing {CACHE_INDEX}); build it with {BUILD_COMMAND}")
         index = json.loads((self.root / CACHE_INDEX).read_text())
-        if index.get("version") != CACHE_VERSION:
-            raise ValueError(f"{self.root}: cache version {index.get('version')} is not {CACHE_VERSION}; rebuild it")
+        version = index.get("version")
+        if version != CACHE_VERSION:
+            raise ValueError(
+                f"{self.root}: cache version {version}, this code reads version {CACHE_VERSION} (shards per bucket, "
+                f"settings recorded, buckets on the transformer's patch grid); rebuild it with {BUILD_COMMAND} into another data.cache_dir (or after deleting {self.root})"
+            )
+        self.settings: dict[str, Any] = index["settings"]
+        self.latent_factor: int = int(index["latent_factor"])
+        if expect is not None:
+            grid = self.latent_factor * patch_size if patch_size else self.settings.get("bucket_grid")
+            check_cache_settings(self.root, self.settings, cache_settings(expect, grid))
         self.samples: list[dict[str, Any]] = index["samples"]
-        self.shapes = index["shapes"]
-        self.shard_size = int(index["shard_size"])
+        self.shards: list[str] = index["shards"]
+        self.buckets: list[tuple[int, int]] = [tuple(b) for b in index["buckets"]]
+        self.bucket_of_sample: list[int] = [int(s["bucket"]) for s in self.samples]
         self.text_encoder = index.get("text_encoder", "?")
         if not self.samples:
             raise ValueError(f"{self.root}: the cache holds no samples")
+        if patch_size is not None:
+            for b, shape in sorted(index.get("latent_shapes", {}).items()):
+                w, h = self.buckets[int(b)]
+                check_latent_sides(shape, patch_size, f"{self.root}: the cached latents of bucket {w}x{h}", self.latent_factor)
+
+    @property
+    def buckets_used(self) -> list[int]:
+        return sorted(set(self.bucket_of_sample))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = int(k) % len(self.samples)
-        shard, row = divmod(i, self.shard_size)
-        with safe_open(str(self.root / f"shard-{shard:05d}.safetensors"), framework="pt") as f:
-            item = {name: f.get_slice(name)[row : row + 1][0].float() for name in ("latents", "embeds", "pooled")}
         s = self.samples[i]
-        return {**item, "caption": s["caption"], "key": s["key"], "index": i}
+        row = int(s["row"])
+        with safe_open(str(self.root / self.shards[s["shard"]]), framework="pt") as f:
+            item = {name: f.get_slice(name)[row : row + 1][0].float() for name in TENSORS}
+        return {**item, "caption": s["caption"], "key": s["key"], "index": i, "bucket": int(s["bucket"])}
 
     def prompts(self) -> dict[str, Any]:
         """``null_embeds``/``null_pooled`` (empty prompt) and the sample prompts' conditioning."""
@@ -93,6 +171,9 @@ class CachedConditioningDataset(Dataset):
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
+    shapes = {tuple(it["latents"].shape) for it in items}
+    if len(shapes) > 1:  # a sampler that mixes buckets; BucketBatchSampler never does
+        raise ValueError(f"a micro-batch mixes latent shapes {sorted(shapes)}; batch a bucketed cache with BucketBatchSampler")
     return {
         "latents": torch.stack([it["latents"] for it in items]),
         "embeds": torch.stack([it["embeds"] for it in items]),
@@ -103,75 +184,215 @@ def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------- building a cache
+# a source position, the sample's key, and how to get its (image, caption): decoding is deferred so
+# that a rerun can step over windows already written without decoding them
+Candidate = tuple[int, str, Callable[[], tuple[Any, str]]]
+
+
+def _folder_candidates(records: list[ImageRecord]) -> Iterator[Candidate]:
+    for i, rec in enumerate(records):
+        yield i, rec.key, (lambda rec=rec: (load_rgb(rec), read_caption(rec)))
+
+
+def _stream_candidates(images: ImageDataConfig, report: StreamReport) -> Iterator[Candidate]:
+    for i, raw in enumerate(make_source(images).in_order(report)):
+        yield i, raw.key, (lambda raw=raw: (decode_rgb(raw.image), raw.caption))
+
+
+def _build_signature(config: CaptionDataConfig, text_name: str, grid: LatentGrid) -> dict[str, Any]:
+    """What must match for a rerun to reuse shards already written."""
+    im = config.images
+    source = {"format": im.format, "sources": [str(s) for s in im.sources], "max_images": im.max_images}
+    if im.format == "hf":
+        source.update(image_column=im.hf_image_column, caption_column=im.hf_caption_column, split=im.hf_split)
+    return {"settings": cache_settings(im, grid.pixels), "source": source, "shard_size": int(config.cache_shard_size),
+            "dtype": config.cache_dtype, "text_encoder": text_name}
+
+
+class _CacheWriter:
+    """Encodes one window of source positions at a time and writes its shards (one per bucket)."""
+
+    def __init__(self, root: Path, config: CaptionDataConfig, signature: dict[str, Any], encode_images, text,
+                 device, report: StreamReport, rng: np.random.Generator, grid: LatentGrid):
+        self.root, self.config, self.signature, self.grid = root, config, signature, grid
+        self.images = ImageDataConfig(**{**config.images.__dict__, "crop": "center", "random_flip": False})
+        self.buckets = cache_buckets(self.images, grid.pixels) if self.images.buckets else None
+        self.encode_images, self.text, self.device, self.report, self.rng = encode_images, text, device, report, rng
+        self.dtype = dtype_from_name(config.cache_dtype, "data.cache_dtype")
+        self.encoded_windows = 0
+
+    def written_window(self, window: int) -> list[tuple[str, dict[str, Any]]] | None:
+        """The shards of a window an earlier run finished, as (file name, metadata); None if it did not."""
+        files = sorted(self.root.glob(f"shard-{window:05d}-b*.safetensors"))
+        if not files:
+            return None
+        out = []
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                shapes = {k: list(f.get_slice(k).get_shape()[1:]) for k in TENSORS}
+            built = json.loads(meta.get("build", "{}"))
+            if built != self.signature:
+                raise ValueError(
+                    f"{path} was written by a cache build with other settings ({json.dumps(built)}; now "
+                    f"{json.dumps(self.signature)}); delete {self.root} or choose another data.cache_dir"
+                )
+            out.append((path.name, {**meta, "shapes": shapes}))
+        expected = {shard_name(window, b) for b in json.loads(out[0][1]["window_buckets"])}
+        if {name for name, _ in out} != expected:
+            return None  # interrupted between two of its shards: encode the window again
+        return out
+
+    def encode_window(self, window: int, candidates: Iterator[Candidate], bar) -> list[tuple[str, dict[str, Any]]]:
+        batch_size = self.config.cache_batch_size
+        pending: dict[int, list[tuple[int, str, str, torch.Tensor]]] = {}
+        encoded: dict[int, dict[str, list[torch.Tensor]]] = {}
+        metas: dict[int, list[dict[str, Any]]] = {}
+        skipped = {"corrupt": 0, "too_small": 0}
+
+        def flush(b: int) -> None:  # one batch of pixels in memory per bucket at a time
+            chunk = pending.pop(b, [])
+            if not chunk:
+                return
+            pixels = torch.stack([c[3] for c in chunk]).to(self.device)
+            embeds, pooled = self.text.encode([c[2] for c in chunk])
+            latents = self.encode_images(pixels)
+            self.grid.check_latent(latents.shape, f"the DA-VAE's latents of {pixels.shape[-1]}x{pixels.shape[-2]} crops")
+            out = encoded.setdefault(b, {k: [] for k in TENSORS})
+            out["latents"].append(latents.cpu().to(self.dtype))
+            out["embeds"].append(embeds.cpu().to(self.dtype))
+            out["pooled"].append(pooled.cpu().to(self.dtype))
+            metas.setdefault(b, []).extend({"key": c[1], "caption": c[2], "position": c[0]} for c in chunk)
+
+        for position, key, load in candidates:
+            self.report.seen += 1
+            bar.update(1)
+            try:
+                img, caption = load()
+                pixels, why, b = sample_pixels(img, self.images, self.buckets, self.rng)
+            except Exception as e:  # PIL raises many types on bad data
+                self.report.skip("corrupt", key, f"{type(e).__name__}: {e}", 0)
+                skipped["corrupt"] += 1
+                continue
+            if pixels is None:
+                self.report.skip("too_small", key, why, 0)
+                skipped["too_small"] += 1
+                continue
+            self.report.kept += 1
+            pending.setdefault(b, []).append((position, key, caption, pixels))
+            if len(pending[b]) == batch_size:
+                flush(b)
+        for b in sorted(pending):
+            flush(b)
+        written = []
+        window_buckets = sorted(encoded)
+        for b in window_buckets:
+            tensors = {k: torch.cat(v).contiguous() for k, v in encoded[b].items()}
+            meta = {"samples": json.dumps(metas[b]), "window": str(window), "bucket": str(b),
+                    "window_buckets": json.dumps(window_buckets), "window_skipped": json.dumps(skipped),
+                    "build": json.dumps(self.signature)}
+            with atomic_write(self.root / shard_name(window, b)) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+            written.append((shard_name(window, b), {**meta, "shapes": {k: list(v.shape[1:]) for k, v in tensors.items()}}))
+        self.encoded_windows += 1
+        return written
+
+
 @torch.no_grad()
 def build_cache(
-    records: list[ImageRecord],
+    records: list[ImageRecord] | None,
     config: CaptionDataConfig,
     encode_images,
     text,
     sample_prompts: list[str] = (),
     device: torch.device | str = "cpu",
     seed: int = 0,
+    *,
+    grid: LatentGrid,
 ) -> Path:
-    """Encode every record once: ``encode_images(pixels01) -> latents`` and ``text.encode(captions)``.
+    """Encode every sample once: ``encode_images(pixels01) -> latents`` and ``text.encode(captions)``.
 
-    Shards are written atomically one by one; an interrupted build restarts at the first
-    missing shard.  ``index.json`` is written last, so a cache is used only when complete.
+    ``grid``: the DA-VAE's latent factor and the transformer's patch size; crops (square or
+    bucketed) have sides that are multiples of their product, and every latent is checked.
+
+    ``records`` is the folder index (``data.images.format: folder``); streamed formats pass None
+    and are read from ``data.images.sources``.  See the module docstring for the layout and restart.
+    ``seed`` seeds the crop generator (centre crops without flips draw nothing from it).
     """
     from tqdm.auto import tqdm
 
     if config.cache_dir is None:
         raise ValueError("data.cache_dir is not set: say where the cache goes")
-    if config.images.buckets or config.images.format != "folder":
-        # shards hold one latent shape and are indexed by record; bucketed/streamed caches are not built yet
-        raise ValueError("data.cache_dir needs data.images.format: folder without data.images.buckets; "
-                         "drop data.cache_dir to encode bucketed or streamed images every step")
+    images = config.images
+    if images.format == "folder" and records is None:
+        raise ValueError("data.images.format folder: pass the records of its index (data.images.load_or_build_index)")
+    if images.format != "folder" and records is not None:
+        raise ValueError(f"data.images.format {images.format} is read from data.images.sources; pass records=None")
+    grid.check_image_size(images.resolution, images.resolution, "data.images.resolution")
     root = Path(config.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    dtype = dtype_from_name(config.cache_dtype, "data.cache_dtype")
-    images = ImageDataConfig(**{**config.images.__dict__, "crop": "center", "random_flip": False})
-    dataset = ImageDataset(records, images, seed=seed)
-    n, size = len(dataset), config.cache_shard_size
-    samples: list[dict[str, Any]] = []
-    shapes: dict[str, list[int]] = {}
-    bar = tqdm(total=n, desc="cache latents+text", dynamic_ncols=True)
-    for shard in range(math.ceil(n / size)):
-        path = root / f"shard-{shard:05d}.safetensors"
-        lo, hi = shard * size, min(n, (shard + 1) * size)
-        if path.is_file():  # built before an interruption: only its index entries are needed
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["samples"])
-                shapes = {k: list(f.get_slice(k).get_shape()[1:]) for k in ("latents", "embeds", "pooled")}
-            samples.extend(meta)
-            bar.update(hi - lo)
+    if cache_is_complete(root):  # rebuilding over a finished cache is fine only with the same settings
+        old = json.loads((root / CACHE_INDEX).read_text())
+        if old.get("version") != CACHE_VERSION:
+            raise ValueError(f"{root} holds a version-{old.get('version')} cache; delete it or choose another data.cache_dir")
+        check_cache_settings(root, old["settings"], cache_settings(images, grid.pixels))
+    text_name = getattr(text, "name", type(text).__name__)
+    signature = _build_signature(config, text_name, grid)
+    report = StreamReport()
+    writer = _CacheWriter(root, config, signature, encode_images, text, device, report, np.random.default_rng(seed), grid)
+    candidates = _folder_candidates(records) if records is not None else _stream_candidates(images, report)
+    size = config.cache_shard_size
+    shards: list[tuple[str, dict[str, Any]]] = []
+    restored = {"corrupt": 0, "too_small": 0}
+    bar = tqdm(total=len(records) if records is not None else None, desc="cache latents+text", dynamic_ncols=True)
+    for window, group in itertools.groupby(candidates, key=lambda c: c[0] // size):
+        done = writer.written_window(window)
+        if done is None:
+            shards.extend(writer.encode_window(window, group, bar))
             continue
-        out: dict[str, list[torch.Tensor]] = {"latents": [], "embeds": [], "pooled": []}
-        meta = []
-        for b in range(lo, hi, config.cache_batch_size):  # one batch of pixels in memory at a time
-            chunk = [dataset[i] for i in range(b, min(hi, b + config.cache_batch_size))]
-            pixels = torch.stack([it["pixels"] for it in chunk]).to(device)
-            out["latents"].append(encode_images(pixels).cpu().to(dtype))
-            embeds, pooled = text.encode([it["caption"] for it in chunk])
-            out["embeds"].append(embeds.cpu().to(dtype))
-            out["pooled"].append(pooled.cpu().to(dtype))
-            meta.extend({"key": it["key"], "caption": it["caption"]} for it in chunk)
-            bar.update(len(chunk))
-        tensors = {k: torch.cat(v).contiguous() for k, v in out.items()}
-        shapes = {k: list(v.shape[1:]) for k, v in tensors.items()}
-        with atomic_write(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"samples": json.dumps(meta)})
-        samples.extend(meta)
+        keys = {position: key for position, key, _ in group}  # read past it (the order is fixed), decode nothing
+        bar.update(len(keys))
+        for name, meta in done:
+            for m in json.loads(meta["samples"]):
+                if keys.get(m["position"]) != m["key"]:
+                    raise ValueError(f"{root / name}: the source changed since this shard was written (position "
+                                     f"{m['position']} held {m['key']}, now {keys.get(m['position'])}); delete {root} "
+                                     "or choose another data.cache_dir")
+        shards.extend(done)
+        for kind, n in json.loads(done[0][1]["window_skipped"]).items():
+            restored[kind] += n
     bar.close()
+
+    samples: list[dict[str, Any]] = []
+    latent_shapes: dict[str, list[int]] = {}
+    shapes: dict[str, list[int]] = {}
+    for s, (name, meta) in enumerate(shards):
+        b = int(meta["bucket"])
+        latent_shapes[str(b)] = meta["shapes"]["latents"]
+        shapes = {k: meta["shapes"][k] for k in ("embeds", "pooled")}
+        samples.extend({**m, "shard": s, "row": r, "bucket": b} for r, m in enumerate(json.loads(meta["samples"])))
+    samples.sort(key=lambda m: m["position"])
+    if not samples:
+        raise ValueError(f"no usable sample in {list(images.sources)} ({report.skipped_corrupt + restored['corrupt']} corrupt, "
+                         f"{report.skipped_too_small + restored['too_small']} too small; examples: {report.skipped_examples[:3]})")
+    skipped = {"corrupt": report.skipped_corrupt + restored["corrupt"], "too_small": report.skipped_too_small + restored["too_small"]}
+
     null_embeds, null_pooled = text.encode([""])
     prompt_tensors = {"null_embeds": null_embeds[0].float().cpu().contiguous(), "null_pooled": null_pooled[0].float().cpu().contiguous()}
     if sample_prompts:
         e, p = text.encode(list(sample_prompts))
         prompt_tensors.update(sample_embeds=e.float().cpu().contiguous(), sample_pooled=p.float().cpu().contiguous())
-    save_file(prompt_tensors, str(root / CACHE_PROMPTS), metadata={"sample_prompts": json.dumps(list(sample_prompts))})
-    index = {"version": CACHE_VERSION, "shard_size": size, "shapes": shapes, "samples": samples,
-             "text_encoder": getattr(text, "name", type(text).__name__), "dtype": config.cache_dtype}
+    with atomic_write(root / CACHE_PROMPTS) as tmp:
+        save_file(prompt_tensors, str(tmp), metadata={"sample_prompts": json.dumps(list(sample_prompts))})
+    index = {"version": CACHE_VERSION, "settings": signature["settings"], "source": signature["source"],
+             "latent_factor": grid.latent_factor, "patch_size": grid.patch_size,
+             "buckets": [list(b) for b in cache_buckets(images, grid.pixels)], "shard_size": size, "shards": [name for name, _ in shards],
+             "latent_shapes": latent_shapes, "shapes": shapes, "skipped": skipped, "samples": samples,
+             "text_encoder": text_name, "dtype": config.cache_dtype}
     write_json_atomic(root / CACHE_INDEX, index, indent=None)  # last: its presence means the cache is complete
-    logger.info("cache %s: %d samples, shapes %s", root, len(samples), shapes)
+    logger.info("cache %s: %d samples in %d shards (%d windows encoded now), %d corrupt and %d too small skipped; latent shapes %s",
+                root, len(samples), len(shards), writer.encoded_windows, skipped["corrupt"], skipped["too_small"], latent_shapes)
     return root
 
 
@@ -179,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..config import load_config
     from ..data.images import load_or_build_index
     from .config import AdapterTrainConfig, load_davae_for_training
+    from .model import read_patch_size
     from .text_conditioning import build_text_conditioner
 
     ap = argparse.ArgumentParser(prog="python -m davae_training.stage2.caption_cache", description="Build the stage-2 latent+text cache.")
@@ -188,12 +410,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = load_config(AdapterTrainConfig, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO)
-    if cfg.data.images.index_cache is None:
-        cfg.data.images.index_cache = str(Path(cfg.train.output_dir) / "data_index.json")
-    records, _ = load_or_build_index(cfg.data.images)
+    if not cfg.model.pretrained:
+        raise ValueError("model.pretrained is empty: the cache needs the transformer's patch size for its bucket grid; "
+                         "set it to the SD3.5 folder or single file that stage 2 trains")
     davae = load_davae_for_training(cfg.tokenizer, args.device)
+    grid = LatentGrid(davae.layout.factor, read_patch_size(cfg.model.pretrained))
+    records = None
+    if cfg.data.images.format == "folder":
+        if cfg.data.images.index_cache is None:
+            cfg.data.images.index_cache = str(Path(cfg.train.output_dir) / "data_index.json")
+        records, _ = load_or_build_index(cfg.data.images, bucket_grid=grid.pixels)
     text = build_text_conditioner(cfg.text, cfg.model.pretrained, args.device)
-    build_cache(records, cfg.data, davae.encode, text, cfg.sampling.prompts, args.device, cfg.train.seed)
+    build_cache(records, cfg.data, davae.encode, text, cfg.sampling.prompts, args.device, cfg.train.seed, grid=grid)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ class CaptionDataConfig:
     images: ImageDataConfig = field(default_factory=ImageDataConfig)
     cache_dir: str | None = None  # when set and complete, train from it
     cache_dtype: str = "bfloat16"  # "float32" | "float16" | "bfloat16"
-    cache_shard_size: int = 256  # samples per safetensors shard
+    cache_shard_size: int = 256  # source positions per cache window; a window writes one shard per bucket
     cache_batch_size: int = 4  # images encoded at once while building the cache
 
 
@@ -38,12 +38,18 @@ class TokenizerConfig:
 @dataclass
 class SamplingConfig:
     prompts: list[str] = field(default_factory=lambda: ["a photograph of a red fox in the snow", "a bowl of ramen, studio light"])
-    resolution: int = 1024  # pixels; the latent grid is resolution / 16
+    # pixels, a multiple of the DA-VAE factor x the transformer's patch (16 x 2 = 32 for SD3): the
+    # latent (resolution / 16 cells) must be whole 2x2 patches; checked when a run starts
+    resolution: int = 1024
     steps: int = 30
     guidance: float = 2.5
     shift: float = 3.0
     seed: int = 0
     use_ema: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0:
+            raise ValueError(f"sampling.resolution must be positive, got {self.resolution}")
 
 
 @dataclass

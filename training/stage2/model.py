@@ -150,7 +150,42 @@ def prepare_adapter_model(transformer: SD3Transformer2DModel, cfg: AdapterModelC
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     store_frozen_base(transformer, cfg.base_dtype)
+    refuse_latents_off_the_patch_grid(transformer)
     return transformer
+
+
+def refuse_latents_off_the_patch_grid(transformer: nn.Module) -> None:
+    """Make the transformer raise on a latent whose sides are not multiples of its patch size;
+    diffusers' SD3 would drop the last row/column and return a smaller output without a word."""
+    from .latent_grid import check_latent_sides, transformer_patch_size
+
+    patch = transformer_patch_size(transformer)
+
+    def check(module, args, kwargs):
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        if latents is not None:
+            check_latent_sides(latents.shape, patch, "the stage-2 transformer's input")
+
+    transformer.register_forward_pre_hook(check, with_kwargs=True)
+
+
+def read_patch_size(pretrained: str | Path) -> int:
+    """The transformer's patch size from ``model.pretrained`` without loading its weights."""
+    import json
+
+    from ..sd35_single_file import is_single_file
+
+    if is_single_file(pretrained):
+        from safetensors import safe_open
+
+        from ..sd35_single_file import PREFIX
+
+        with safe_open(str(pretrained), framework="pt") as f:
+            key = PREFIX + "x_embedder.proj.weight"
+            if key not in f.keys():
+                raise ValueError(f"{pretrained}: no {key}; is this an SD3/SD3.5 single-file checkpoint?")
+            return int(f.get_slice(key).get_shape()[-1])
+    return int(json.loads((resolve_transformer_dir(pretrained) / "config.json").read_text())["patch_size"])
 
 
 def check_base_dtype(base_dtype: str, mixed_precision: str) -> None:

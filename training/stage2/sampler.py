@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from .latent_grid import check_latent_sides, transformer_patch_size
 from .objective import shift_sigmas
 
 
 @torch.no_grad()
 def sample_latents(model, embeds, pooled, null_embeds, null_pooled, latent_shape, steps: int, guidance: float,
                    shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Euler rectified-flow sampler with CFG, SD3's shifted sigma schedule."""
+    """Euler rectified-flow sampler with CFG, SD3's shifted sigma schedule.  ``latent_shape``
+    (C, h, w) must be whole patches of ``model`` (for DA latents: image sides multiples of 32)."""
+    check_latent_sides(latent_shape, transformer_patch_size(model), "sample_latents(latent_shape)")
     b = embeds.shape[0]
     x = torch.randn((b, *latent_shape), generator=generator, device=generator.device).to(embeds.device)
     sigmas = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()

@@ -50,10 +50,12 @@ from ..common import (
 )
 from ..config import add_common_arguments, load_config
 from ..run_safety import NonFiniteGuard, OutputLock
+from ..data.buckets import BucketBatchSampler
 from ..data.images import ResumableSampler
 from ..data.loader import make_training_loader
 from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
 from .config import AdapterTrainConfig, load_davae_for_training
+from .latent_grid import LatentGrid, transformer_patch_size
 from ..optimizers import make_optimizer
 from .model import build_adapter_model, check_base_dtype, make_ema, trained_parameters, unwrap
 from .objective import drop_prompts, flow_matching_loss
@@ -85,6 +87,11 @@ class Conditioning:
             self.sample_embeds, self.sample_pooled = prompts.get("sample_embeds"), prompts.get("sample_pooled")
         self.null_embeds = self.null_embeds.to(device)
         self.null_pooled = self.null_pooled.to(device)
+        # pixels per latent cell: of the DA-VAE that encodes (or decodes sample grids), else of the cache
+        self.latent_factor = self.davae.layout.factor if self.davae is not None else cached.latent_factor
+        if cached is not None and cached.latent_factor != self.latent_factor:
+            raise ValueError(f"the cache {cached.root} holds latents at 1/{cached.latent_factor} of the image, the DA-VAE "
+                             f"{cfg.tokenizer.path} makes 1/{self.latent_factor}: use the DA-VAE the cache was built with")
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,6 +105,14 @@ class Conditioning:
 
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+def check_sizes(cfg: AdapterTrainConfig, grid: LatentGrid) -> None:
+    """Image sizes the run will use, against the patch grid, before any step: a size whose latent is
+    not whole patches would make SD3 return a smaller output instead of an error."""
+    grid.check_image_size(cfg.data.images.resolution, cfg.data.images.resolution, "data.images.resolution")
+    if cfg.train.image_every:
+        grid.check_image_size(cfg.sampling.resolution, cfg.sampling.resolution, "sampling.resolution")
 
 
 def check_shapes(model: torch.nn.Module, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
@@ -140,24 +155,43 @@ def write_sample_grid(cfg: AdapterTrainConfig, model, ema, cond: Conditioning, s
 
 
 # ---------------------------------------------------------------------------- data
-def build_dataloader(cfg: AdapterTrainConfig, accelerator, start_micro_batch: int):
+def open_cache(cfg: AdapterTrainConfig, patch_size: int) -> CachedConditioningDataset | None:
+    """The complete cache of ``data.cache_dir`` (checked against the config and the transformer's
+    patch size), or None when training encodes images every step."""
+    if not cache_is_complete(cfg.data.cache_dir):
+        if cfg.data.cache_dir:
+            logger.warning("data.cache_dir %s is not complete: encoding images and captions every step", cfg.data.cache_dir)
+        return None
+    dataset = CachedConditioningDataset(cfg.data.cache_dir, expect=cfg.data.images, patch_size=patch_size)
+    logger.info("training from the cache %s (%d samples in %d bucket(s), text: %s)", cfg.data.cache_dir, len(dataset),
+                len(dataset.buckets_used), dataset.text_encoder)
+    if dataset.text_encoder != cfg.text.kind:
+        logger.warning("the cache's text conditioning is %r, the config's text.kind is %r; training uses the cache's",
+                       dataset.text_encoder, cfg.text.kind)
+    return dataset
+
+
+def build_dataloader(cfg: AdapterTrainConfig, accelerator, start_micro_batch: int, grid: LatentGrid,
+                     cached: CachedConditioningDataset | None = None):
+    """Endless micro-batches from the cache, or from ``data.images`` with buckets on ``grid.pixels``."""
     loop = cfg.train
-    if cache_is_complete(cfg.data.cache_dir):
-        dataset = CachedConditioningDataset(cfg.data.cache_dir)
-        logger.info("training from the cache %s (%d samples, text: %s)", cfg.data.cache_dir, len(dataset), dataset.text_encoder)
+    if cached is not None:
+        dataset = cached
+        workers = loop.dataloader_num_workers
+        if len(dataset.buckets_used) > 1:  # one latent shape per micro-batch
+            batches = BucketBatchSampler(dataset.bucket_of_sample, loop.batch_size, loop.seed, accelerator.process_index,
+                                         accelerator.num_processes, start_micro_batch)
+            return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_cached, num_workers=workers,
+                                               prefetch_factor=2 if workers > 0 else None)
         sampler = ResumableSampler(len(dataset), loop.batch_size, loop.seed, accelerator.process_index,
                                    accelerator.num_processes, start_micro_batch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=loop.batch_size, sampler=sampler, collate_fn=collate_cached,
-                                             num_workers=loop.dataloader_num_workers, drop_last=True,
-                                             prefetch_factor=2 if loop.dataloader_num_workers > 0 else None)
-        return loader, dataset
-    if cfg.data.cache_dir:
-        logger.warning("data.cache_dir %s is not complete: encoding images and captions every step", cfg.data.cache_dir)
+        return torch.utils.data.DataLoader(dataset, batch_size=loop.batch_size, sampler=sampler, collate_fn=collate_cached,
+                                           num_workers=workers, drop_last=True, prefetch_factor=2 if workers > 0 else None)
     images = cfg.data.images
     if images.index_cache is None:
         images.index_cache = str(Path(loop.output_dir) / "data_index.json")
     return make_training_loader(images, loop.batch_size, loop.seed, accelerator.process_index, accelerator.num_processes,
-                                start_micro_batch, loop.dataloader_num_workers, accelerator), None
+                                start_micro_batch, loop.dataloader_num_workers, accelerator, bucket_grid=grid.pixels)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -206,8 +240,12 @@ def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bo
     state = resume_from(accelerator, plan, optimizer, lr_scheduler)
     guard = NonFiniteGuard(accelerator, loop.on_nonfinite, lambda: latest_complete_checkpoint(loop.output_dir)[0])
 
-    loader, cached = build_dataloader(cfg, accelerator, state.micro_batches)
+    patch_size = transformer_patch_size(unwrap(model))
+    cached = open_cache(cfg, patch_size)
     cond = Conditioning(cfg, accelerator.device, cached)
+    grid = LatentGrid(cond.latent_factor, patch_size)  # image and bucket sides: multiples of grid.pixels (32 for SD3)
+    check_sizes(cfg, grid)
+    loader = build_dataloader(cfg, accelerator, state.micro_batches, grid, cached)
     init_trackers(accelerator, loop, cfg)
     batches = iter(loader)
     bar = progress_bar(accelerator, loop.max_steps, state.step, "stage 2")
@@ -218,6 +256,7 @@ def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bo
             batch = next(batches)
             state.micro_batches += 1
             latents, embeds, pooled = cond(batch)
+            grid.check_latent(latents.shape, f"training micro-batch {state.micro_batches}")
             if not checked:
                 check_shapes(model, latents, embeds, pooled)
                 checked = True
