@@ -12,6 +12,8 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
     main(["--quick", "--out", str(out)])
     report = json.loads((out / "report_full" / "report.json").read_text())
     assert report["variant"] == "full"
+    assert report["tokens"] == {"da": "8x8", "baseline": "8x8"}  # 64 px base, 8x8 latent, 1x1 patches
+    assert json.loads((out / "toy_sd3" / "transformer" / "config.json").read_text())["patch_size"] == 1
     assert set(report["reconstruction_128px"]) == {"davae", "stock_full", "stock_half_upsampled"}
     assert set(report["generation_swd_vs_real_128px"]) == {"da", "baseline"}
     assert set(report["attribute_accuracy"]) == {"real", "da", "baseline"}

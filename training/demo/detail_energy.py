@@ -1,7 +1,7 @@
 """How much one-pixel detail a set of images carries, relative to real images.
 
 The finest Laplacian-pyramid band (an image minus its blurred 2x down-up copy) holds what a
-half-resolution model cannot represent: textures, outlines, thin strokes.  Its mean energy
+half-resolution model cannot represent: textures, outlines, sharp edges.  Its mean energy
 over a sample set, divided by that of real images at the same size, is 1.0 at the real level;
 blurry samples score below 1, noisy ones above.
 """

@@ -2,7 +2,7 @@
 
 Each image is a smooth two-colour background gradient with one large shape (what the base
 latent of the half-resolution image can carry), overlaid with what a 2x downsample wipes out:
-one-pixel stripes or a checker texture inside the shape, thin strokes and a hard outline.  A
+stripes, a checker or dots of 2-3 px inside the shape and a hard one-pixel outline.  A
 caption names the parts ("red circle with stripes on teal background"), so a text-conditioned toy
 DiT has something to follow.  Shape colours and background colours have disjoint names: the toy
 text conditioner is a bag of words, and "red on teal" must not read like "teal on red".
@@ -78,19 +78,14 @@ def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
     mask = _shape_mask(shape, yy, xx, cy, cx, r)
     fg_rgb = np.array(COLOURS[fg_name], dtype=np.float32)
 
-    # full-resolution detail: 1-2 px texture, hard outline, thin strokes
+    # full-resolution detail: a 2-3 px texture and a hard one-pixel outline (no random strokes: a
+    # caption-conditioned model could not know where to draw them)
     period = int(rng.integers(2, 4))
     tex = _texture(texture, yy.astype(int), xx.astype(int), period)
     shade = np.where(tex, 1.0, 0.55)[..., None]
     img = np.where(mask[..., None], fg_rgb[None, None, :] * shade, img)
     outline = mask & ~_shape_mask(shape, yy, xx, cy, cx, r - 1.0)
     img[outline] = 0.05
-    for _ in range(int(rng.integers(1, 3))):
-        y0, x0, y1, x1 = rng.uniform(0, size, size=4)
-        t = np.linspace(0.0, 1.0, 2 * size)
-        ys = np.clip((y0 + (y1 - y0) * t).astype(int), 0, size - 1)
-        xs = np.clip((x0 + (x1 - x0) * t).astype(int), 0, size - 1)
-        img[ys, xs] = 0.02 if rng.random() < 0.5 else 0.98
 
     caption = f"{fg_name} {shape} with {texture} on {bg_name} background"
     return ProceduralSample(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)).clamp(0, 1), caption)
