@@ -10,7 +10,6 @@ grid (DA-VAE factor 16 x patch 2 = 32 px), so the images here are sized for reso
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import tarfile
@@ -20,7 +19,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from davae_training.data.buckets import BucketBatchSampler, crop_to_bucket, make_buckets
@@ -31,24 +29,13 @@ from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
 from davae_training.stage2.config import AdapterTrainConfig, CaptionDataConfig
 from davae_training.stage2.latent_grid import LatentGrid
 from davae_training.stage2.text_conditioning import HashingTextConditioner
+from image_samples import add_to_tar, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "adapter_tiny.yaml"
 # (height, width): two landscape, two portrait, two square; every one covers its bucket at resolution 128
 SHAPES = [(128, 256), (128, 224), (256, 128), (224, 128), (160, 160), (192, 192)]
 RES = 128
-
-
-def _png(rng, h, w) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _add(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +119,9 @@ def bucket_folder(tmp_path):
     folder.mkdir()
     for i in range(12):
         h, w = SHAPES[i % len(SHAPES)]
-        (folder / f"{i:02d}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{i:02d}.png").write_bytes(png_bytes(rng, h, w))
         (folder / f"{i:02d}.txt").write_text(f"picture number {i}")
-    (folder / "99.png").write_bytes(_png(rng, 192, 192)[:120])  # the size probe passes, decoding fails
+    (folder / "99.png").write_bytes(png_bytes(rng, 192, 192)[:120])  # the size probe passes, decoding fails
     return folder
 
 
@@ -202,8 +189,8 @@ def shards(tmp_path):
         with tarfile.open(name, "w:gz" if s else "w") as tar:
             for i in range(8):
                 h, w = SHAPES[(i + s) % len(SHAPES)]
-                _add(tar, f"s{s}_{i}.png", b"not a png at all" if i == 5 else _png(rng, h, w))
-                _add(tar, f"s{s}_{i}.txt", f"caption {s} {i}".encode())
+                add_to_tar(tar, f"s{s}_{i}.png", b"not a png at all" if i == 5 else png_bytes(rng, h, w))
+                add_to_tar(tar, f"s{s}_{i}.txt", f"caption {s} {i}".encode())
     return [str(folder / "shard-000.tar"), str(folder / "shard-{001..001}.tar.gz")]
 
 
@@ -245,7 +232,7 @@ def test_hf_dataset_cache_holds_the_rows_and_captions_skips_corrupt_rows_and_res
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(0)
     if kind == "saved_to_disk":
-        rows = {"img": [{"bytes": b"broken" if i == 3 else _png(rng, *SHAPES[i % len(SHAPES)]), "path": None} for i in range(10)],
+        rows = {"img": [{"bytes": b"broken" if i == 3 else png_bytes(rng, *SHAPES[i % len(SHAPES)]), "path": None} for i in range(10)],
                 "prompt": [f"row {i}" for i in range(10)]}
         features = datasets.Features({"img": datasets.Image(), "prompt": datasets.Value("string")})
         datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
@@ -257,7 +244,7 @@ def test_hf_dataset_cache_holds_the_rows_and_captions_skips_corrupt_rows_and_res
         folder.mkdir()
         lines = ["file_name,text"]
         for i in range(8):
-            (folder / f"{i}.png").write_bytes(b"truncated" if i == 6 else _png(rng, *SHAPES[i % len(SHAPES)]))
+            (folder / f"{i}.png").write_bytes(b"truncated" if i == 6 else png_bytes(rng, *SHAPES[i % len(SHAPES)]))
             lines.append(f"{i}.png,picture {i}")
         (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
         images = ImageDataConfig(sources=[str(folder)], format="hf", resolution=RES, streaming=True, buckets=True)
@@ -318,7 +305,7 @@ def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp
     folder.mkdir()
     for i in range(9):
         h, w = [(128, 213), (213, 128), (128, 128)][i % 3]
-        (folder / f"{i}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{i}.png").write_bytes(png_bytes(rng, h, w))
         (folder / f"{i}.txt").write_text(f"a picture {i}")
     images = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True)
     cache = tmp_path / "cache"
@@ -394,7 +381,7 @@ def test_bucket_stage2_run_where_16px_buckets_have_odd_latents_trains_on_even_la
     folder.mkdir()
     for i in range(9):
         h, w = ODD_ON_16[i % 3]
-        (folder / f"{i}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{i}.png").write_bytes(png_bytes(rng, h, w))
         (folder / f"{i}.txt").write_text(f"a picture {i}")
     more = ["data.images.crop=center"]
     if source == "cache":
@@ -445,7 +432,7 @@ def test_bucket_grid_latents_off_the_patch_grid_are_refused_naming_the_shape_and
     # a run whose sample grids or training crops would be off the grid stops before its first step
     folder = tmp_path / "imgs"
     folder.mkdir()
-    (folder / "0.png").write_bytes(_png(np.random.default_rng(0), 128, 128))
+    (folder / "0.png").write_bytes(png_bytes(np.random.default_rng(0), 128, 128))
     for setting in ("sampling.resolution", "data.images.resolution"):
         cfg = load_config(AdapterTrainConfig, TINY_CONFIG, _run_settings(tmp_path, fixtures_dir, folder, "train.image_every=2",
                                                                          "data.images.buckets=false", f"{setting}=80"))
@@ -455,7 +442,7 @@ def test_bucket_grid_latents_off_the_patch_grid_are_refused_naming_the_shape_and
     # a cache on the 16-px grid (what stage 1's buckets would give) is refused when training opens it
     images = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True)
     for h, w in ODD_ON_16[:2]:
-        (folder / f"{w}x{h}.png").write_bytes(_png(np.random.default_rng(1), h, w))
+        (folder / f"{w}x{h}.png").write_bytes(png_bytes(np.random.default_rng(1), h, w))
     build_cache(build_index(images, 16)[0], _cache_cfg(images, tmp_path / "cache16"), davae.encode, text,
                 grid=LatentGrid(davae.layout.factor, 1))
     with pytest.raises(ValueError, match=r"bucket 112x144: latent of shape \(32, 9, 7\).*patch size 2.*multiples of 32 px.*width 96 or 128, height 128 or 160"):
@@ -479,7 +466,7 @@ def test_bucket_cache_command_takes_its_grid_from_the_davae_and_the_transformer(
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, (h, w) in enumerate(ODD_ON_16):
-        (folder / f"{i}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{i}.png").write_bytes(png_bytes(rng, h, w))
     sets = [f"train.output_dir={tmp_path / 'run'}", f"model.pretrained={fixtures_dir / 'checkpoints' / 'sd3_tiny.safetensors'}",
             f"tokenizer.path={fixtures_dir / 'davae' / 'davae_tiny.safetensors'}", f"data.images.sources=[{folder}]",
             "data.images.resolution=128", "data.images.buckets=true", f"data.cache_dir={tmp_path / 'cache'}", "data.cache_dtype=float32"]

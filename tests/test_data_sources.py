@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import tarfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from davae_training.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from davae_training.data.images import ImageDataConfig
 from davae_training.data.loader import make_training_loader
 from davae_training.data.streams import StreamingBatches
-
-
-def _png(rng, h, w) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _add(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+from image_samples import add_to_tar, png_bytes
 
 
 # (height, width): two landscape, two portrait, two square shapes
@@ -42,8 +29,8 @@ def shards(tmp_path):
         with tarfile.open(name, "w:gz" if s else "w") as tar:
             for i in range(8):
                 h, w = SHAPES[(i + s) % len(SHAPES)]
-                _add(tar, f"s{s}_{i}.png", b"not a png at all" if i == 5 else _png(rng, h, w))
-                _add(tar, f"s{s}_{i}.txt", f"caption {s} {i}".encode())
+                add_to_tar(tar, f"s{s}_{i}.png", b"not a png at all" if i == 5 else png_bytes(rng, h, w))
+                add_to_tar(tar, f"s{s}_{i}.txt", f"caption {s} {i}".encode())
     return tmp_path
 
 
@@ -86,7 +73,7 @@ def test_bucket_folder_loader_batches_share_one_multiple_of_16_shape(tmp_path):
     folder.mkdir()
     for i in range(12):
         h, w = SHAPES[i % len(SHAPES)]
-        (folder / f"{i:02d}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{i:02d}.png").write_bytes(png_bytes(rng, h, w))
     cfg = ImageDataConfig(sources=[str(folder)], resolution=64, buckets=True, index_cache=str(tmp_path / "index.json"))
     batches = list(itertools.islice(iter(make_training_loader(cfg, batch_size=2, seed=0)), 8))
     shapes = {tuple(b["pixels"].shape[-2:]) for b in batches}
@@ -110,7 +97,7 @@ def test_bucket_folder_index_keeps_images_that_cover_their_bucket_as_the_streams
     folder.mkdir()
     sizes = {"wide": (96, 192), "tall": (192, 96), "square": (128, 128), "small_square": (96, 96), "small_wide": (60, 100)}
     for name, (h, w) in sizes.items():
-        (folder / f"{name}.png").write_bytes(_png(rng, h, w))
+        (folder / f"{name}.png").write_bytes(png_bytes(rng, h, w))
     index = str(tmp_path / "index.json")
     cfg = ImageDataConfig(sources=[str(folder)], resolution=128, buckets=True, index_cache=index)
     records, report = load_or_build_index(cfg, bucket_grid=grid)
@@ -181,7 +168,7 @@ def test_webdataset_resume_replays_the_exact_order_with_buckets_ranks_and_worker
 
 
 def _hf_rows(rng, n=10, corrupt=(3,)):
-    return {"img": [{"bytes": b"broken" if i in corrupt else _png(rng, *SHAPES[i % len(SHAPES)]), "path": None}
+    return {"img": [{"bytes": b"broken" if i in corrupt else png_bytes(rng, *SHAPES[i % len(SHAPES)]), "path": None}
                     for i in range(n)],
             "prompt": [f"row {i}" for i in range(n)]}
 
@@ -212,7 +199,7 @@ def test_hf_dataset_imagefolder_streaming_with_captions_and_buckets(tmp_path):
     lines = ["file_name,text"]
     for i in range(8):
         h, w = SHAPES[i % len(SHAPES)]
-        (folder / f"{i}.png").write_bytes(b"truncated" if i == 6 else _png(rng, h, w))
+        (folder / f"{i}.png").write_bytes(b"truncated" if i == 6 else png_bytes(rng, h, w))
         lines.append(f"{i}.png,picture {i}")
     (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
     cfg = ImageDataConfig(sources=[str(folder)], format="hf", resolution=64, streaming=True, buckets=True, shuffle_buffer=4)
