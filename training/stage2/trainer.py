@@ -255,8 +255,7 @@ def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bo
         for micro in range(loop.gradient_accumulation_steps):
             batch = next(batches)
             state.micro_batches += 1
-            latents, embeds, pooled = cond(batch)
-            grid.check_latent(latents.shape, f"training micro-batch {state.micro_batches}")
+            latents, embeds, pooled = cond(batch)  # off-grid sides: refused by the model's own pre-hook (model.py)
             if not checked:
                 check_shapes(model, latents, embeds, pooled)
                 checked = True
