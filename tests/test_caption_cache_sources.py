@@ -29,7 +29,7 @@ from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
 from davae_training.stage2.config import AdapterTrainConfig, CaptionDataConfig
 from davae_training.stage2.latent_grid import LatentGrid
 from davae_training.stage2.text_conditioning import HashingTextConditioner
-from image_samples import add_to_tar, png_bytes
+from image_samples import add_to_tar, png_bytes, write_png_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "adapter_tiny.yaml"
@@ -115,12 +115,7 @@ def _loader(cache, images: ImageDataConfig, grid: LatentGrid, batch_size=2, star
 def bucket_folder(tmp_path):
     """12 images of six shapes with captions, plus one whose header reads but whose data is cut."""
     rng = np.random.default_rng(0)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(12):
-        h, w = SHAPES[i % len(SHAPES)]
-        (folder / f"{i:02d}.png").write_bytes(png_bytes(rng, h, w))
-        (folder / f"{i:02d}.txt").write_text(f"picture number {i}")
+    folder = write_png_folder(tmp_path / "imgs", SHAPES, 12, rng, captions=True)
     (folder / "99.png").write_bytes(png_bytes(rng, 192, 192)[:120])  # the size probe passes, decoding fails
     return folder
 

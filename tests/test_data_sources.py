@@ -13,7 +13,7 @@ from davae_training.data.buckets import BucketBatchSampler, make_buckets, neares
 from davae_training.data.images import ImageDataConfig
 from davae_training.data.loader import make_training_loader
 from davae_training.data.streams import StreamingBatches
-from image_samples import add_to_tar, png_bytes
+from image_samples import add_to_tar, png_bytes, write_png_folder
 
 
 # (height, width): two landscape, two portrait, two square shapes
@@ -68,12 +68,7 @@ def test_bucket_sampler_gives_one_bucket_per_batch_splits_ranks_and_resumes_exac
 
 
 def test_bucket_folder_loader_batches_share_one_multiple_of_16_shape(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(12):
-        h, w = SHAPES[i % len(SHAPES)]
-        (folder / f"{i:02d}.png").write_bytes(png_bytes(rng, h, w))
+    folder = write_png_folder(tmp_path / "imgs", SHAPES, 12, np.random.default_rng(0))
     cfg = ImageDataConfig(sources=[str(folder)], resolution=64, buckets=True, index_cache=str(tmp_path / "index.json"))
     batches = list(itertools.islice(iter(make_training_loader(cfg, batch_size=2, seed=0)), 8))
     shapes = {tuple(b["pixels"].shape[-2:]) for b in batches}
