@@ -9,9 +9,10 @@ from davae_training.demo.pipeline import main
 
 def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["--quick", "--out", str(out)])
+    main(["--quick", "--train-base", "--out", str(out)])
     report = json.loads((out / "report_full" / "report.json").read_text())
     assert report["variant"] == "full"
+    assert report["base_models"]["source"] == "trained in this run" and report["base_models"]["vae_steps"] == 6
     assert report["tokens"] == {"da": "8x8", "baseline": "8x8"}  # 64 px base, 8x8 latent, 1x1 patches
     assert json.loads((out / "toy_sd3" / "transformer" / "config.json").read_text())["patch_size"] == 1
     assert set(report["reconstruction_128px"]) == {"davae", "stock_full", "stock_half_upsampled"}
@@ -29,7 +30,17 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(tmp_path, capsys):
     assert (out / "stage2_full" / "export" / "da_demo_full_lora.safetensors").is_file()
 
     # a second run finds every phase's result and skips the training
-    main(["--quick", "--out", str(out), "--no-schedule"])
+    main(["--quick", "--train-base", "--out", str(out), "--no-schedule"])
     again = json.loads((out / "report_no-schedule" / "report.json").read_text())
     assert "stage 1: DA-VAE" in again["seconds"] and again["seconds"]["pretrained toy VAE + DiT (64 px)"] < report["seconds"]["pretrained toy VAE + DiT (64 px)"]
     assert (out / "stage2_no-schedule" / "final" / "summary.json").is_file()
+
+
+def test_default_demo_uses_the_shipped_base_models_and_trains_only_the_da_parts(tmp_path):
+    out = tmp_path / "demo"
+    main(["--quick", "--out", str(out)])
+    report = json.loads((out / "report_full" / "report.json").read_text())
+    assert report["base_models"]["source"] == "shipped" and report["base_models"]["dit_steps"] >= 1000
+    assert not (out / "toy_sd3").exists()  # nothing trained for the base
+    assert report["seconds"]["pretrained toy VAE + DiT (64 px)"] < 5  # read from the package, not trained
+    assert (out / "stage1" / "davae.safetensors").is_file() and (out / "stage2_full" / "final" / "summary.json").is_file()

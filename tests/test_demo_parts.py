@@ -133,3 +133,43 @@ def test_toy_vae_trains_on_latent_grid_crops_and_standardises_its_latent(monkeyp
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     cfg = result.model.config
     assert cfg.scaling_factor > 0 and torch.isfinite(torch.tensor([cfg.shift_factor, cfg.scaling_factor])).all()
+
+
+def test_shipped_toy_base_models_match_the_demo_architectures_and_load():
+    """The committed toy_sd3 folder must be what the current code would train: same VAE and DiT
+    configs, loadable by diffusers, with its provenance and loss curves beside it."""
+    import json
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from davae_training.demo.pipeline import SHIPPED_BASE, text_conditioner
+    from davae_training.demo.toy_base_models import base_dit_config, toy_vae_config
+
+    vae = AutoencoderKL.from_pretrained(SHIPPED_BASE / "vae")
+    trained = ("shift_factor", "scaling_factor")  # written by train_base_vae from the latents it makes
+    for key, value in toy_vae_config().items():
+        if key in trained:
+            continue
+        assert vae.config[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert vae.config.scaling_factor > 0  # standardised latent written by train_base_vae
+    text = text_conditioner()
+    dit = SD3Transformer2DModel.from_pretrained(SHIPPED_BASE / "transformer")
+    for key, value in base_dit_config(text.joint_attention_dim, text.pooled_dim).items():
+        assert dit.config[key] == (list(value) if isinstance(value, tuple) else value), key
+    made_with = json.loads((SHIPPED_BASE / "made_with.json").read_text())
+    losses = json.loads((SHIPPED_BASE / "losses.json").read_text())
+    assert len(losses["base VAE"]) == made_with["vae_steps"] and len(losses["base DiT"]) == made_with["dit_steps"]
+    assert sum(losses["base DiT"][-100:]) < sum(losses["base DiT"][:100])  # it trained
+
+
+def test_make_toy_base_writes_a_complete_folder_the_demo_can_use(tmp_path):
+    import json
+
+    from davae_training.demo.make_toy_base import main
+
+    main(["--out", str(tmp_path / "toy"), "--vae-steps", "2", "--dit-steps", "3", "--train-images", "8", "--batch-size", "2"])
+    made_with = json.loads((tmp_path / "toy" / "made_with.json").read_text())
+    assert made_with["vae_steps"] == 2 and made_with["dit_steps"] == 3 and made_with["seconds"] >= 0
+    assert [len(v) for v in json.loads((tmp_path / "toy" / "losses.json").read_text()).values()] == [2, 3]
+    assert (tmp_path / "toy" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "toy" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()

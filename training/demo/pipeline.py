@@ -1,11 +1,12 @@
 """The whole DA-VAE recipe at toy scale, on this CPU, with no downloaded weights.
 
-    python -m davae_training.demo [--out demo_out] [--no-align] [--no-zero-init] [--no-schedule]
+    python -m davae_training.demo [--out demo_out] [--no-align] [--no-zero-init] [--no-schedule] [--train-base]
     python -m davae_training.demo --ablation [--seeds 3]  # the four rows of the paper's Table 5, at toy scale
 
 1. data: procedural images with structure at 64 px and detail that only exists at 128 px;
-2. the "pretrained" models: a narrow SD3-layout VAE and SD3.5-layout DiT, trained here at the
-   base resolution (64 px, 8x8 latents, 8x8 tokens of 1x1 patches);
+2. the "pretrained" models: a narrow SD3-layout VAE and SD3.5-layout DiT at the base resolution
+   (64 px, 8x8 latents, 8x8 tokens of 1x1 patches), shipped with the package like a downloaded
+   SD3 (``make_toy_base`` made them), or trained in the run with ``--train-base``;
 3. stage 1: the DA-VAE from that VAE (128 px -> 32 x 8 x 8) with the tokenizer trainer;
 4. stage 2: the warm-started DiT (zero-init P'/O', LoRA, w(n)) with the adapter trainer;
 5. sampling through the DA path (128 px from 8x8 tokens) and the baseline (64 px from the same
@@ -40,6 +41,9 @@ from .procedural_images import make_batch, write_folder
 logger = logging.getLogger("davae_training.demo")
 
 BASE_SIZE = 64  # the toy "pretrained" resolution; the DA path makes 2x that
+EVAL_START = 1_000_000  # procedural indices of held-out images (training uses 0..)
+# the toy base models the package ships (made by ``python -m davae_training.demo.make_toy_base``)
+SHIPPED_BASE = Path(__file__).with_name("toy_sd3")
 
 
 def token_grid() -> str:
@@ -48,7 +52,14 @@ def token_grid() -> str:
 
     side = BASE_SIZE // 8 // DIT_PATCH_SIZE
     return f"{side}x{side}"
-EVAL_START = 1_000_000  # procedural indices of held-out images (training uses 0..)
+
+
+Curve = tuple[list[int], list[float]]  # (training steps, values) of one loss
+
+
+def per_step(values: list[float]) -> Curve:
+    """A loss recorded at every step, as a curve over steps 1..n."""
+    return list(range(1, len(values) + 1)), values
 
 
 @dataclass
@@ -57,10 +68,11 @@ class DemoConfig:
     seed: int = 0
     train_images: int = 512
     eval_images: int = 48
-    base_vae_steps: int = 1000
+    train_base: bool = False  # False: the shipped toy base models; True: train them in this run
+    base_vae_steps: int = 1000  # with train_base
     base_dit_steps: int = 1200
-    stage1_steps: int = 200
-    stage2_steps: int = 400
+    stage1_steps: int = 900
+    stage2_steps: int = 600
     batch_size: int = 8
     sample_steps: int = 20
     classifier_steps: int = 200
@@ -97,28 +109,46 @@ def text_conditioner():
     return HashingTextConditioner(joint_attention_dim=64, pooled_dim=32, tokens=16)
 
 
-def make_pretrained(cfg: DemoConfig, root: Path, losses: dict[str, list[float]]) -> Path:
-    """Train (or reuse) the toy VAE and DiT at 64 px, saved as a diffusers folder ``toy_sd3/{vae,transformer}``."""
+def train_pretrained(folder: Path, train_images: int, vae_steps: int, dit_steps: int, batch_size: int, shift: float,
+                     seed: int) -> dict[str, list[float]]:
+    """Train the toy VAE and DiT at 64 px on procedural images and save them as a diffusers folder
+    ``folder/{vae,transformer}`` with their loss curves in ``folder/losses.json``."""
     from .toy_base_models import normalised_latents, train_base_dit, train_base_vae
 
-    folder = root / "toy_sd3"
-    curves = root / "toy_sd3_losses.json"
-    if (folder / "transformer" / "config.json").is_file() and curves.is_file():
-        losses.update(json.loads(curves.read_text()))
-        return folder
-    images, captions = make_batch(0, cfg.train_images, 2 * BASE_SIZE, cfg.seed)
+    images, captions = make_batch(0, train_images, 2 * BASE_SIZE, seed)
     low = F.interpolate(images, size=BASE_SIZE, mode="bicubic", align_corners=False).clamp(0, 1)
-    vae = train_base_vae(low, steps=cfg.base_vae_steps, batch_size=2 * cfg.batch_size, seed=cfg.seed)
+    vae = train_base_vae(low, steps=vae_steps, batch_size=batch_size, seed=seed)
     vae.model.save_pretrained(folder / "vae")
     text = text_conditioner()
     embeds, pooled = text.encode(captions)
     null_e, null_p = text.encode([""])
-    dit = train_base_dit(normalised_latents(vae.model, low), embeds, pooled, null_e, null_p, steps=cfg.base_dit_steps,
-                         batch_size=2 * cfg.batch_size, shift=cfg.shift, seed=cfg.seed)
+    dit = train_base_dit(normalised_latents(vae.model, low), embeds, pooled, null_e, null_p, steps=dit_steps,
+                         batch_size=batch_size, shift=shift, seed=seed)
     dit.model.save_pretrained(folder / "transformer")
-    curves.write_text(json.dumps({"base VAE": vae.losses, "base DiT": dit.losses}))
-    losses.update({"base VAE": vae.losses, "base DiT": dit.losses})
+    losses = {"base VAE": [round(v, 5) for v in vae.losses], "base DiT": [round(v, 5) for v in dit.losses]}
+    (folder / "losses.json").write_text(json.dumps(losses))
+    return losses
+
+
+def make_pretrained(cfg: DemoConfig, root: Path, losses: dict[str, Curve]) -> Path:
+    """The toy "pretrained" VAE and DiT: by default the ones shipped with the package (as SD3's would
+    be downloaded); with ``--train-base`` trained here (or reused) in ``root/toy_sd3``."""
+    folder = SHIPPED_BASE if not cfg.train_base else root / "toy_sd3"
+    if not (folder / "losses.json").is_file():
+        if not cfg.train_base:
+            raise FileNotFoundError(f"the shipped toy base models are missing from {folder}; reinstall the package, "
+                                    "or run with --train-base to train them here")
+        train_pretrained(folder, cfg.train_images, cfg.base_vae_steps, cfg.base_dit_steps, 2 * cfg.batch_size,
+                         cfg.shift, cfg.seed)
+    losses.update({name: per_step(values) for name, values in json.loads((folder / "losses.json").read_text()).items()})
     return folder
+
+
+def base_model_provenance(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
+    if not cfg.train_base:
+        return {"source": "shipped", "path": str(folder), **json.loads((folder / "made_with.json").read_text())}
+    return {"source": "trained in this run", "path": str(folder), "vae_steps": cfg.base_vae_steps,
+            "dit_steps": cfg.base_dit_steps, "seed": cfg.seed, "train_images": cfg.train_images}
 
 
 def run_stage1(cfg: DemoConfig, root: Path, data: Path, pretrained: Path) -> Path:
@@ -132,7 +162,7 @@ def run_stage1(cfg: DemoConfig, root: Path, data: Path, pretrained: Path) -> Pat
         return exported
     config = load_config(TokenizerTrainConfig, packaged_config("tokenizer_tiny.yaml"), [
         f"train.output_dir={run}", f"train.seed={cfg.seed}", f"train.max_steps={cfg.stage1_steps}",
-        f"train.batch_size={cfg.batch_size}", "train.learning_rate=1.0e-3", "train.checkpoint_every=100",
+        f"train.batch_size={cfg.batch_size}", "train.learning_rate=1.0e-3", "train.checkpoint_every=250",
         # 64 px crops of the 128 px images: the toy DA-VAE is fully convolutional, and four times the
         # steps for the same time teach it more than whole images do
         "train.log_every=10", "train.image_every=0", f"data.sources=[{data}]", f"data.resolution={BASE_SIZE}",
@@ -219,7 +249,7 @@ def reconstruction_metrics(pretrained: Path, davae_path: Path, images: torch.Ten
     }
 
 
-def attribute_classifier(cfg: DemoConfig, root: Path, losses: dict[str, list[float]]):
+def attribute_classifier(cfg: DemoConfig, root: Path, losses: dict[str, Curve]):
     """The toy GenEval judge, trained (or reused) on the demo's real training images."""
     from safetensors.torch import load_file, save_file
 
@@ -233,7 +263,7 @@ def attribute_classifier(cfg: DemoConfig, root: Path, losses: dict[str, list[flo
     images, captions = make_batch(0, cfg.train_images, 2 * BASE_SIZE, cfg.seed)
     trained = train_classifier(images, captions, steps=cfg.classifier_steps, seed=cfg.seed)
     save_file(trained.model.state_dict(), path)
-    losses["toy classifier"] = trained.losses
+    losses["toy classifier"] = per_step(trained.losses)
     return trained.model
 
 
@@ -259,7 +289,8 @@ def generation_metrics(samples: dict[str, torch.Tensor], real: torch.Tensor, see
 
 
 # ------------------------------------------------------------------ report
-def tensorboard_scalars(run: Path, tag: str) -> list[float]:
+def tensorboard_scalars(run: Path, tag: str) -> Curve:
+    """A scalar as the trainers logged it (every ``log_every`` steps), at the steps it was logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values: list[tuple[int, float]] = []
@@ -268,19 +299,21 @@ def tensorboard_scalars(run: Path, tag: str) -> list[float]:
         acc.Reload()
         if tag in acc.Tags().get("scalars", []):
             values.extend((e.step, e.value) for e in acc.Scalars(tag))
-    return [v for _, v in sorted(dict(values).items())]
+    by_step = sorted(dict(values).items())
+    return [s for s, _ in by_step], [v for _, v in by_step]
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path) -> Path:
+def plot_losses(curves: dict[str, Curve], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = {k: v for k, v in curves.items() if v}
+    shown = {k: v for k, v in curves.items() if v[1]}
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 2.8), squeeze=False)
-    for ax, (name, values) in zip(axes[0], shown.items()):
-        ax.plot(values, lw=1)
+    for ax, (name, (steps, values)) in zip(axes[0], shown.items()):
+        ax.plot(steps, values, lw=1)
+        ax.set_xlabel("step", fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_yscale("log")
         ax.tick_params(labelsize=7)
@@ -332,7 +365,7 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     shared = share_root or root
     timer = PhaseTimer()
-    curves: dict[str, list[float]] = {}
+    curves: dict[str, Curve] = {}
 
     data = shared / "data"
     if not (data / f"{cfg.train_images - 1:05d}.txt").is_file():
@@ -361,6 +394,7 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
         "variant": cfg.variant,
         "config": asdict(cfg),
         "tokens": {"da": token_grid(), "baseline": token_grid()},
+        "base_models": base_model_provenance(cfg, pretrained),
         "reconstruction_128px": recon,
         **scores,
         "generation_swd_vs_real_128px": generation,
@@ -399,7 +433,10 @@ def ablation_table(reports: list[dict[str, Any]]) -> str:
             cells.append(f"{values.mean():.4f} ± {values.std():.4f}" if len(values) > 1 else f"{values.item():.4f}")
         rows.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
     if seeds > 1:
-        rows.append("\n± is the standard deviation over seeds (each seed: its own data, toy models and training runs).")
+        shipped = all(r.get("base_models", {}).get("source") == "shipped" for r in reports)
+        each = ("its own data and stage-1/stage-2 runs; the shipped toy base models are shared" if shipped
+                else "its own data, toy base models and training runs")
+        rows.append(f"\n± is the standard deviation over seeds (each seed: {each}).")
     return "\n".join(rows)
 
 
@@ -424,12 +461,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool, int]:
     ap.add_argument("--ablation", action="store_true", help="run the full recipe and all three ablations, sharing what they share")
     ap.add_argument("--seeds", type=int, default=1, help="with --ablation: repeat it for this many seeds (from --seed) and "
                     "report mean ± std, to tell real differences from seed noise")
+    ap.add_argument("--train-base", action="store_true",
+                    help="train the toy base VAE and DiT in this run (about 3 minutes) instead of using the shipped ones")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores)")
     ap.add_argument("--quick", action="store_true", help="a fraction of the steps: checks the plumbing, not the method")
     args = ap.parse_args(argv)
     cfg = DemoConfig(out=args.out, seed=args.seed, align=not args.no_align, zero_init=not args.no_zero_init,
-                     schedule=not args.no_schedule, threads=args.threads)
+                     schedule=not args.no_schedule, threads=args.threads,
+                     train_base=args.train_base)
     if args.quick:
         cfg = DemoConfig(**{**asdict(cfg), "train_images": 32, "eval_images": 8, "base_vae_steps": 6, "base_dit_steps": 6,
                             "stage1_steps": 4, "stage2_steps": 4, "batch_size": 2, "sample_steps": 2,
