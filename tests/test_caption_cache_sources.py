@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +28,7 @@ from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
 from davae_training.stage2.config import AdapterTrainConfig, CaptionDataConfig
 from davae_training.stage2.latent_grid import LatentGrid
 from davae_training.stage2.text_conditioning import HashingTextConditioner
-from image_samples import add_to_tar, png_bytes, write_png_folder
+from image_samples import png_bytes, write_png_folder, write_tar_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "adapter_tiny.yaml"
@@ -176,16 +175,9 @@ def test_bucket_cache_trainer_batches_hold_one_shape_and_resume_at_any_micro_bat
 @pytest.fixture()
 def shards(tmp_path):
     """shard-000.tar (plain) and shard-001.tar.gz (gzip), 8 samples each, sample 5 corrupt in each."""
-    rng = np.random.default_rng(0)
     folder = tmp_path / "shards"
     folder.mkdir()
-    for s in range(2):
-        name = folder / (f"shard-{s:03d}.tar" + (".gz" if s else ""))
-        with tarfile.open(name, "w:gz" if s else "w") as tar:
-            for i in range(8):
-                h, w = SHAPES[(i + s) % len(SHAPES)]
-                add_to_tar(tar, f"s{s}_{i}.png", b"not a png at all" if i == 5 else png_bytes(rng, h, w))
-                add_to_tar(tar, f"s{s}_{i}.txt", f"caption {s} {i}".encode())
+    write_tar_shards(folder, SHAPES, np.random.default_rng(0))
     return [str(folder / "shard-000.tar"), str(folder / "shard-{001..001}.tar.gz")]
 
 

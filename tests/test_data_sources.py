@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import tarfile
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from davae_training.data.buckets import BucketBatchSampler, make_buckets, neares
 from davae_training.data.images import ImageDataConfig
 from davae_training.data.loader import make_training_loader
 from davae_training.data.streams import StreamingBatches
-from image_samples import add_to_tar, png_bytes, write_png_folder
+from image_samples import png_bytes, write_png_folder, write_tar_shards
 
 
 # (height, width): two landscape, two portrait, two square shapes
@@ -23,14 +22,7 @@ SHAPES = [(64, 128), (64, 112), (128, 64), (112, 64), (80, 80), (96, 96)]
 @pytest.fixture()
 def shards(tmp_path):
     """shard-000.tar (plain) and shard-001.tar.gz (gzip), 8 samples each, one corrupt per shard."""
-    rng = np.random.default_rng(0)
-    for s in range(2):
-        name = tmp_path / (f"shard-{s:03d}.tar" + (".gz" if s else ""))
-        with tarfile.open(name, "w:gz" if s else "w") as tar:
-            for i in range(8):
-                h, w = SHAPES[(i + s) % len(SHAPES)]
-                add_to_tar(tar, f"s{s}_{i}.png", b"not a png at all" if i == 5 else png_bytes(rng, h, w))
-                add_to_tar(tar, f"s{s}_{i}.txt", f"caption {s} {i}".encode())
+    write_tar_shards(tmp_path, SHAPES, np.random.default_rng(0))
     return tmp_path
 
 
