@@ -110,7 +110,7 @@ def text_conditioner():
 
 
 def train_pretrained(folder: Path, train_images: int, vae_steps: int, dit_steps: int, batch_size: int, shift: float,
-                     seed: int) -> dict[str, list[float]]:
+                     seed: int) -> None:
     """Train the toy VAE and DiT at 64 px on procedural images and save them as a diffusers folder
     ``folder/{vae,transformer}`` with their loss curves in ``folder/losses.json``."""
     from .toy_base_models import normalised_latents, train_base_dit, train_base_vae
@@ -126,8 +126,7 @@ def train_pretrained(folder: Path, train_images: int, vae_steps: int, dit_steps:
                          batch_size=batch_size, shift=shift, seed=seed)
     dit.model.save_pretrained(folder / "transformer")
     losses = {"base VAE": [round(v, 5) for v in vae.losses], "base DiT": [round(v, 5) for v in dit.losses]}
-    (folder / "losses.json").write_text(json.dumps(losses))
-    return losses
+    (folder / "losses.json").write_text(json.dumps(losses))  # last: it marks the folder complete
 
 
 def make_pretrained(cfg: DemoConfig, root: Path, losses: dict[str, Curve]) -> Path:
@@ -325,7 +324,6 @@ def plot_losses(curves: dict[str, Curve], path: Path) -> Path:
 
 def side_by_side(real: torch.Tensor, samples: dict[str, torch.Tensor], path: Path, count: int = 6) -> Path:
     """Columns: a real 128 px image | baseline (64 px, bicubic) | DA (128 px), each with a label."""
-    import numpy as np
     from PIL import Image, ImageDraw
 
     from ..common import to_uint8_image
