@@ -19,18 +19,17 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from .da_blocks import DetailDownsample, JointUpsample, half_resolution
+from .da_wiring import DAWiring
 from .davae_config import SD3_VAE_CONFIG, DAVAEConfig, tiny_vae_config
-from .structured_latent import LatentNormalizer, merge, split
 from .tiling import tiled_decode, tiled_encode
 
-__all__ = ["DAVAE", "DAVAEConfig", "DetailDownsample", "JointUpsample", "SD3_VAE_CONFIG", "tiny_vae_config"]
+__all__ = ["DAVAE", "DAVAEConfig", "SD3_VAE_CONFIG", "tiny_vae_config"]
 
 def _build_vae(cfg: dict[str, Any]) -> AutoencoderKL:
     return AutoencoderKL(**cfg)
 
 
-class DAVAE(nn.Module):
+class DAVAE(DAWiring):
     """Tokenizer with a structured latent ``[base C | detail D]`` at twice the base factor.
 
     Public API takes images in [0, 1] and normalised latents (what a DiT sees); the ``*_raw``
@@ -39,28 +38,17 @@ class DAVAE(nn.Module):
 
     def __init__(self, config: DAVAEConfig, with_base_encoder: bool = True):
         super().__init__()
-        self.config = config
-        self.layout = config.layout
-        features = config.base_vae["block_out_channels"][-1]
         trunk = _build_vae(config.base_vae)
 
-        self.base_encoder: nn.Module | None = None
-        self.base_quant_conv: nn.Module | None = None
+        base_encoder = base_quant_conv = None
         if with_base_encoder:
             base = _build_vae(config.base_vae)
-            self.base_encoder = base.encoder
-            self.base_quant_conv = base.quant_conv
-            self.base_encoder.requires_grad_(False)
-            if self.base_quant_conv is not None:
-                self.base_quant_conv.requires_grad_(False)
+            base_encoder = base.encoder.requires_grad_(False)
+            base_quant_conv = base.quant_conv
+            if base_quant_conv is not None:
+                base_quant_conv.requires_grad_(False)
 
-        self.detail_trunk = trunk.encoder
-        self.detail_trunk.conv_out = nn.Identity()  # the trunk ends at conv_act
-        self.detail_down = DetailDownsample(features, 2 * config.detail_channels)
-        self.decoder_up = JointUpsample(self.layout.channels, features)
-        self.decoder_trunk = trunk.decoder
-        self.decoder_trunk.conv_in = nn.Identity()  # JointUpsample feeds the mid block directly
-        self.normalizer = LatentNormalizer(self.layout, config.base_shift, config.base_scale)
+        self.attach(config, trunk.encoder, trunk.decoder, base_encoder, base_quant_conv)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -103,26 +91,8 @@ class DAVAE(nn.Module):
         return mods
 
     # ----------------------------------------------------------------- encoding
-    @staticmethod
-    def downsample(image_pm: torch.Tensor) -> torch.Tensor:
-        """The half-resolution input of the base encoder: plain bicubic, as the authors trained."""
-        return half_resolution(image_pm)
-
-    def encode_base_raw(self, image_pm: torch.Tensor) -> torch.Tensor:
-        """Posterior mean of the frozen base VAE on the 2x-downsampled image (raw space)."""
-        if self.base_encoder is None:
-            raise RuntimeError(
-                "this DA-VAE was built without its base encoder; pass base_latent= (the stock "
-                "VAE's raw latent of the half-resolution image) or load one that holds it"
-            )
-        with torch.no_grad():
-            moments = self.base_encoder(self.downsample(image_pm))
-            if self.base_quant_conv is not None:
-                moments = self.base_quant_conv(moments)
-        return moments[:, : self.layout.base_channels]
-
     def detail_posterior(self, image_pm: torch.Tensor) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(self.detail_down(self.detail_trunk(image_pm)))
+        return DiagonalGaussianDistribution(self.detail_moments(image_pm))
 
     def _check_image(self, image: torch.Tensor) -> None:
         if image.ndim != 4 or image.shape[1] != 3:
@@ -132,34 +102,17 @@ class DAVAE(nn.Module):
     def encode_raw(self, image: torch.Tensor, base_latent: torch.Tensor | None = None) -> torch.Tensor:
         """Image in [0, 1] -> raw ``[z | z_d]`` (posterior means)."""
         self._check_image(image)
-        image_pm = image * 2.0 - 1.0
-        z = base_latent if base_latent is not None else self.encode_base_raw(image_pm)
-        z_d = self.detail_posterior(image_pm).mode()
-        return merge(z.to(z_d), z_d)
+        return self.encode_raw_pm(image * 2.0 - 1.0, base_latent)
 
     def encode(self, image: torch.Tensor, base_latent: torch.Tensor | None = None) -> torch.Tensor:
         """Image in [0, 1] -> normalised structured latent, e.g. 1024x1024 -> (B, 32, 64, 64)."""
         return self.normalizer.normalize(self.encode_raw(image, base_latent))
 
     # ----------------------------------------------------------------- decoding
-    def _decode_model_space(self, z_norm: torch.Tensor, z_d_raw: torch.Tensor) -> torch.Tensor:
-        """The decoder reads the normalised base and the raw detail; returns [-1, 1]-ish pixels."""
-        if self.config.decoder_input_order == "detail_base":
-            return self.decoder_trunk(self.decoder_up(merge(z_d_raw, z_norm)))
-        return self.decoder_trunk(self.decoder_up(merge(z_norm, z_d_raw)))
-
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised structured latent -> image in [0, 1]."""
-        self.layout.check(latent)
-        z, z_d = split(latent, self.layout.base_channels)
-        out = self._decode_model_space(z, self.normalizer.denormalize_detail(z_d))
+        out = self._decode_model_space(*self.decoder_inputs(latent))
         return ((out + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw structured latent -> pixels in [-1, 1] (ComfyUI's first_stage_model contract)."""
-        self.layout.check(raw, "raw latent")
-        z, z_d = split(raw, self.layout.base_channels)
-        return self._decode_model_space(self.normalizer.normalize_base(z), z_d).clamp(-1.0, 1.0)
 
     # ----------------------------------------------------------------- bounded memory
     def encode_tiled(self, image: torch.Tensor, tile: int = 1024, overlap: int = 128, progress: bool = False) -> torch.Tensor:

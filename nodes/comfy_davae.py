@@ -1,8 +1,8 @@
 """The DA-VAE built from ComfyUI's own autoencoder trunks, for use inside ComfyUI.
 
 Encoder and decoder trunks are ``comfy.ldm.modules.diffusionmodules.model`` ``Encoder`` /
-``Decoder`` (ComfyUI's attention backends, ``comfy.ops`` layers); the DA blocks come from
-:mod:`davae_core.da_blocks` with ``comfy.ops`` convs.  Our files store diffusers-layout trunk
+``Decoder`` (ComfyUI's attention backends, ``comfy.ops`` layers); the DA blocks and their
+wiring are :mod:`davae_core.da_wiring`'s, with ``comfy.ops`` convs.  Our files store diffusers-layout trunk
 keys; they are mapped to ComfyUI's layout at load time with ComfyUI's own VAE key converter.
 Nothing here imports diffusers, peft or accelerate.
 """
@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from ..davae_core.checkpoint import CheckpointError, check_state_dict
-from ..davae_core.comfy_latent import from_comfy_latent, to_comfy_latent
-from ..davae_core.da_blocks import DetailDownsample, JointUpsample, half_resolution
+from ..davae_core.da_wiring import DAWiring
 from ..davae_core.davae_config import DAVAEConfig
-from ..davae_core.structured_latent import LatentNormalizer, merge, split
 
 OPS = comfy.ops.disable_weight_init  # what comfy.sd.VAE builds its models from; ComfyUI casts the whole model
 _LDM_GROUPS = 32  # ComfyUI's trunks hard-code 32 GroupNorm groups (the SD3 VAE's value)
@@ -102,56 +100,23 @@ def comfy_trunk_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class ComfyDAVAE(nn.Module):
-    """The DA-VAE with ComfyUI's trunks, speaking ComfyUI's raw-latent contract.
+class ComfyDAVAE(DAWiring):
+    """The DA-VAE with ComfyUI's trunks; the wiring (encode/decode) is :class:`DAWiring`'s.
 
-    ``encode(pixels in [-1, 1]) -> LATENT`` and ``decode(LATENT) -> pixels in [-1, 1]``, where a
-    LATENT follows :mod:`davae_core.comfy_latent` (raw base, normalised detail).  Module and
-    parameter names outside the trunks are those of :class:`davae_core.davae_model.DAVAE`.
+    Module and parameter names outside the trunks are those of :class:`davae_core.davae_model.DAVAE`.
     """
 
     def __init__(self, config: DAVAEConfig, with_base_encoder: bool = True, source: str = "DA-VAE"):
         super().__init__()
-        self.config = config
-        self.layout = config.layout
         vae = config.base_vae
-        features = vae["block_out_channels"][-1]
-        self.base_encoder: nn.Module | None = None
-        self.base_quant_conv: nn.Module | None = None
+        base_encoder = base_quant_conv = None
         if with_base_encoder:
-            self.base_encoder = build_trunk("encoder", vae, source)
+            base_encoder = build_trunk("encoder", vae, source)
             if vae.get("use_quant_conv", True):
                 moments = 2 * vae["latent_channels"]
-                self.base_quant_conv = OPS.Conv2d(moments, moments, 1)
-        self.detail_trunk = build_trunk("encoder", vae, source)
-        self.detail_trunk.conv_out = nn.Identity()  # the trunk ends at the last activation
-        self.detail_down = DetailDownsample(features, 2 * config.detail_channels, conv_cls=OPS.Conv2d)
-        self.decoder_up = JointUpsample(self.layout.channels, features, conv_cls=OPS.Conv2d)
-        self.decoder_trunk = build_trunk("decoder", vae, source)
-        self.decoder_trunk.conv_in = nn.Identity()  # JointUpsample feeds the mid block directly
-        self.normalizer = LatentNormalizer(self.layout, config.base_shift, config.base_scale)
-
-    @property
-    def has_base_encoder(self) -> bool:
-        return self.base_encoder is not None
-
-    def encode_base(self, image_pm: torch.Tensor) -> torch.Tensor:
-        """Raw base latent: the frozen SD3 encoder's posterior mean of the half-resolution image."""
-        moments = self.base_encoder(half_resolution(image_pm))
-        if self.base_quant_conv is not None:
-            moments = self.base_quant_conv(moments)
-        return moments[:, : self.layout.base_channels]
-
-    def encode(self, image_pm: torch.Tensor, base_latent: torch.Tensor | None = None) -> torch.Tensor:
-        z = self.encode_base(image_pm) if base_latent is None else base_latent
-        z_d = self.detail_down(self.detail_trunk(image_pm))[:, : self.layout.detail_channels]  # posterior mean
-        return to_comfy_latent(merge(z.to(z_d), z_d), self.normalizer)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        z, z_d = split(from_comfy_latent(latent, self.normalizer), self.layout.base_channels)
-        z = self.normalizer.normalize_base(z)  # the decoder reads the normalised base and the raw detail
-        x = merge(z_d, z) if self.config.decoder_input_order == "detail_base" else merge(z, z_d)
-        return self.decoder_trunk(self.decoder_up(x)).clamp(-1.0, 1.0)
+                base_quant_conv = OPS.Conv2d(moments, moments, 1)
+        detail_trunk, decoder_trunk = build_trunk("encoder", vae, source), build_trunk("decoder", vae, source)
+        self.attach(config, detail_trunk, decoder_trunk, base_encoder, base_quant_conv, conv_cls=OPS.Conv2d)
 
 
 def build_comfy_davae(config: DAVAEConfig, state: dict[str, torch.Tensor], source: str = "DA-VAE") -> ComfyDAVAE:

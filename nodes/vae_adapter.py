@@ -18,7 +18,7 @@ import comfy.utils
 import torch
 from torch import nn
 
-from ..davae_core.da_blocks import half_resolution
+from ..davae_core.comfy_latent import from_comfy_latent, to_comfy_latent
 from ..davae_core.tiling import tile_starts, tiled_decode, tiled_encode
 from .comfy_davae import ComfyDAVAE
 
@@ -42,17 +42,17 @@ class DAFirstStage(nn.Module):
         self.base_vae = base_vae
 
     def _stock_base_latent(self, image_pm: torch.Tensor) -> torch.Tensor:
-        low = half_resolution(image_pm.float())  # the same bicubic 2x the DA-VAE was trained with
+        low = self.davae.downsample(image_pm.float())  # the same bicubic 2x the DA-VAE was trained with
         pixels = ((low + 1.0) / 2.0).movedim(1, -1)  # stock VAE.encode takes (B, H, W, 3) in [0, 1]
         return self.base_vae.encode(pixels).to(image_pm)
 
     def encode(self, image_pm: torch.Tensor) -> torch.Tensor:
         image_pm = image_pm.contiguous()  # ComfyUI hands a channels-last view; CPU convs are far slower on it
         base = None if self.davae.has_base_encoder else self._stock_base_latent(image_pm)
-        return self.davae.encode(image_pm, base_latent=base)
+        return to_comfy_latent(self.davae.encode_raw_pm(image_pm, base), self.davae.normalizer)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.davae.decode(latent)
+        return self.davae.decode_raw(from_comfy_latent(latent, self.davae.normalizer))
 
 
 def memory_estimates(davae: ComfyDAVAE):

@@ -80,7 +80,7 @@ def test_training_pass_trains_only_detail_encoder_and_decoder(davae):
 
 
 def test_detail_downsample_shortcut_is_a_grouped_mean():
-    from davae_core.davae_model import DetailDownsample
+    from davae_core.da_blocks import DetailDownsample
 
     block = DetailDownsample(feature_channels=32, moment_channels=32)
     torch.nn.init.zeros_(block.conv.weight)
@@ -92,7 +92,7 @@ def test_detail_downsample_shortcut_is_a_grouped_mean():
 
 
 def test_joint_upsample_shortcut_repeats_each_latent_channel():
-    from davae_core.davae_model import JointUpsample
+    from davae_core.da_blocks import JointUpsample
 
     block = JointUpsample(latent_channels=32, feature_channels=32)  # 4*32/32 = 4 repeats
     torch.nn.init.zeros_(block.conv.weight)
