@@ -30,7 +30,7 @@ _build_lock = threading.Lock()
 
 
 @contextmanager
-def _norm_groups(groups: int):
+def norm_groups(groups: int):
     """Build trunks with ``groups`` GroupNorm groups (narrow test/demo VAEs use fewer than 32).
 
     ComfyUI's ``Normalize`` reads the module's ``ops`` at call time, so a subclass of the same
@@ -53,7 +53,7 @@ def _norm_groups(groups: int):
             ldm_vae.ops = base
 
 
-def _trunk_kwargs(vae: dict[str, Any], source: str) -> dict[str, Any]:
+def trunk_kwargs(vae: dict[str, Any], source: str) -> dict[str, Any]:
     """ComfyUI's trunk arguments for a diffusers AutoencoderKL config (the base VAE of our files)."""
     widths = list(vae["block_out_channels"])
     ch = widths[0]
@@ -75,8 +75,8 @@ def _trunk_kwargs(vae: dict[str, Any], source: str) -> dict[str, Any]:
 def build_trunk(kind: str, vae: dict[str, Any], source: str = "DA-VAE") -> nn.Module:
     """ComfyUI ``Encoder`` or ``Decoder`` shaped like the diffusers trunk of ``vae``."""
     cls = {"encoder": ldm_vae.Encoder, "decoder": ldm_vae.Decoder}[kind]
-    with _norm_groups(int(vae.get("norm_num_groups", _LDM_GROUPS))):
-        trunk = cls(**_trunk_kwargs(vae, source))
+    with norm_groups(int(vae.get("norm_num_groups", _LDM_GROUPS))):
+        trunk = cls(**trunk_kwargs(vae, source))
     if not vae.get("mid_block_add_attention", True):
         trunk.mid.attn_1 = nn.Identity()
     return trunk
@@ -134,35 +134,3 @@ def build_comfy_davae(config: DAVAEConfig, state: dict[str, torch.Tensor], sourc
     check_state_dict(source, model, mapped)
     model.load_state_dict(mapped)
     return model.eval().requires_grad_(False)
-
-
-class ComfyAutoencoderKL(nn.Module):
-    """A plain KL autoencoder from ComfyUI's trunks and a diffusers-layout state dict.
-
-    ComfyUI's own loader infers the SD3 VAE only at SD3 width; this builds any width (the
-    tiny fixtures' stand-in for the checkpoint's SD3 VAE), behind the same encode/decode contract.
-    """
-
-    def __init__(self, vae: dict[str, Any], state: dict[str, torch.Tensor]):
-        super().__init__()
-        self.encoder = build_trunk("encoder", vae)
-        self.decoder = build_trunk("decoder", vae)
-        moments = 2 * vae["latent_channels"]
-        self.quant_conv = OPS.Conv2d(moments, moments, 1) if vae.get("use_quant_conv", True) else None
-        self.post_quant_conv = (
-            OPS.Conv2d(vae["latent_channels"], vae["latent_channels"], 1) if vae.get("use_post_quant_conv", True) else None
-        )
-        self.latent_channels = vae["latent_channels"]
-        self.load_state_dict(comfy.diffusers_convert.convert_vae_state_dict(state))
-        self.eval().requires_grad_(False)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return moments[:, : self.latent_channels]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)

@@ -88,32 +88,22 @@ def _quiet_logging():
         logging.disable(previous)
 
 
-class WrappedVAE(comfy.sd.VAE):
-    """A ``comfy.sd.VAE`` around any module with ComfyUI's ``encode``/``decode`` contract.
+class DAComfyVAE(comfy.sd.VAE):
+    """The VAE output of ``DAVAELoader``: 32 channels at f16, tiled through :mod:`davae_core.tiling`.
 
     ``VAE.__init__`` is run without weights only to set the defaults this ComfyUI version
-    expects (it returns early); the model, ratios and devices are set here.
+    expects (it returns early); the model, ratios, memory estimates and devices are set here.
     """
 
-    def __init__(
-        self,
-        first_stage: nn.Module,
-        latent_channels: int,
-        ratio: int,
-        dtype: torch.dtype | None = None,
-        encode_cost: float = 1767.0,
-        decode_cost: float = 2178.0,
-    ):
+    def __init__(self, davae: ComfyDAVAE, base_vae=None, dtype: torch.dtype | None = None):
         with _quiet_logging():
             super().__init__(sd={})
-        self.first_stage_model = first_stage.eval()
-        self.latent_channels = latent_channels
-        self.downscale_ratio = ratio
-        self.upscale_ratio = ratio
+        self.davae = davae
+        self.first_stage_model = DAFirstStage(davae, base_vae).eval()
+        self.latent_channels = davae.layout.channels
+        self.downscale_ratio = self.upscale_ratio = davae.layout.factor
         self.working_dtypes = [torch.bfloat16, torch.float32]  # the SD3 VAE's; fp16 overflows in its decoder
-        # Bytes per pixel (encode) / per latent cell times pixels per cell (decode), as ComfyUI estimates.
-        self.memory_used_encode = lambda shape, dt: encode_cost * shape[2] * shape[3] * mm.dtype_size(dt)
-        self.memory_used_decode = lambda shape, dt: decode_cost * shape[2] * shape[3] * ratio * ratio * mm.dtype_size(dt)
+        self.memory_used_encode, self.memory_used_decode = memory_estimates(davae)
         self.device = mm.vae_device()
         self.vae_dtype = dtype or mm.vae_dtype(self.device, self.working_dtypes)
         self.first_stage_model.to(self.vae_dtype)
@@ -122,15 +112,6 @@ class WrappedVAE(comfy.sd.VAE):
             self.first_stage_model, load_device=self.device, offload_device=mm.vae_offload_device()
         )
         self.size = None
-
-
-class DAComfyVAE(WrappedVAE):
-    """The VAE output of ``DAVAELoader``: 32 channels at f16, tiled through :mod:`davae_core.tiling`."""
-
-    def __init__(self, davae: ComfyDAVAE, base_vae=None, dtype: torch.dtype | None = None):
-        super().__init__(DAFirstStage(davae, base_vae), davae.layout.channels, davae.layout.factor, dtype)
-        self.memory_used_encode, self.memory_used_decode = memory_estimates(davae)
-        self.davae = davae
 
     def _progress(self, length_y: int, length_x: int, tile: int, overlap: int, align: int = 1):
         steps = len(tile_starts(length_y, tile, overlap, align)) * len(tile_starts(length_x, tile, overlap, align))

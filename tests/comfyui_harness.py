@@ -1,14 +1,14 @@
-"""pytest face of :mod:`davae_training.comfyui_runner` (the in-process ComfyUI runner).
+"""pytest face of :mod:`davae_testing.comfyui_runner` (the in-process ComfyUI runner).
 
 Everything is the runner's; only "ComfyUI is not there" differs: a skip that says why, or a
 failure when ``DAVAE_REQUIRE_COMFYUI=1`` (CI sets it, so no ComfyUI test is skipped there).
-ComfyUI's own environment may not have this repository installed, so ``davae_training`` is
-registered from ``training/`` when it cannot be imported.
+``davae_testing`` is importable from the checkout (``tests/conftest.py``).  ComfyUI's own
+environment does not have this repository installed, so ``davae_training`` (which the MMDiT
+parity test imports) is registered from ``training/`` when it cannot be imported.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -16,22 +16,22 @@ from pathlib import Path
 
 import pytest
 
+from davae_testing import comfyui_runner as runner
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _import_davae_training():
-    try:
-        import davae_training  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "davae_training", REPO / "training" / "__init__.py", submodule_search_locations=[str(REPO / "training")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["davae_training"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("davae_training.comfyui_runner")
+def _register_davae_training() -> None:
+    if importlib.util.find_spec("davae_training") is not None:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "davae_training", REPO / "training" / "__init__.py", submodule_search_locations=[str(REPO / "training")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["davae_training"] = module
+    spec.loader.exec_module(module)
 
 
-runner = _import_davae_training()
+_register_davae_training()
 REQUIRED = os.environ.get("DAVAE_REQUIRE_COMFYUI") == "1"
 
 

@@ -8,10 +8,17 @@ DIR``), and nothing here imports diffusers unless a test asks for a diffusers-bu
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# the test scaffolding (davae_testing) is not installed: importable from the checkout.  Appended,
+# so ComfyUI's own top-level modules (``nodes``) win over this repository's folders of that name.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
 
 @pytest.fixture(scope="session")

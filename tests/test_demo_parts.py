@@ -174,3 +174,14 @@ def test_make_toy_base_writes_a_complete_folder_the_demo_can_use(tmp_path):
     assert [len(v) for v in json.loads((tmp_path / "toy" / "losses.json").read_text()).values()] == [2, 3]
     assert (tmp_path / "toy" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "toy" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_demos_comfyui_step_runs_the_runner_from_the_checkout_or_says_it_is_missing(tmp_path, monkeypatch):
+    """The ComfyUI step loads the test scaffolding's runner by path (it is not installed): the path
+    must exist in the checkout, and without it the step says so instead of failing in a child."""
+    from davae_training.demo import comfyui_run
+
+    assert comfyui_run.RUNNER.is_file() and comfyui_run.RUNNER.parent.name == "davae_testing"
+    monkeypatch.setattr(comfyui_run, "RUNNER", tmp_path / "missing.py")
+    result = comfyui_run.run_shipped_workflow(tmp_path / "comfyui", tmp_path / "out")
+    assert "needs the repository checkout" in result["skipped"] and not (tmp_path / "out").exists()

@@ -2,7 +2,8 @@
 
 A circle works until someone moves an import to the top of a file; it also hides which module is
 the foundation.  The graph is read from the source with ``ast`` (nothing is imported), over
-davae_core/, training/ (installed as ``davae_training``), nodes/ and bench/.
+the repository's ``__init__.py`` (what ComfyUI imports as the pack), davae_core/, training/
+(installed as ``davae_training``), nodes/, bench/ and davae_testing/ (test scaffolding).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("davae_core", "training", "nodes", "bench")
+PACKAGES = ("davae_core", "training", "nodes", "bench", "davae_testing")
+ROOT = "__init__"  # the repository's own __init__.py; its relative imports reach nodes/ and davae_core/
 ALIASES = {"davae_training": "training"}  # installed name -> folder
 # absolute names that mean this repository (a bare `nodes` is ComfyUI's nodes.py, ours is reached relatively)
-ABSOLUTE_OURS = {"davae_core", "davae_training", "bench"}
+ABSOLUTE_OURS = {"davae_core", "davae_training", "bench", "davae_testing"}
 
 
 def _module_name(path: Path) -> str:
@@ -27,7 +29,7 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    found = {}
+    found = {ROOT: REPO / "__init__.py"}
     for package in PACKAGES:
         for path in (REPO / package).rglob("*.py"):
             found[_module_name(path)] = path
@@ -43,7 +45,10 @@ def _canonical(name: str) -> str:
 
 
 def _resolve_relative(module: str, is_package: bool, level: int, target: str | None) -> str:
-    package = module.split(".") if is_package else module.split(".")[:-1]
+    if module == ROOT:
+        package = []
+    else:
+        package = module.split(".") if is_package else module.split(".")[:-1]
     if level - 1 > len(package):
         raise ValueError(f"{module}: relative import beyond the repository root")
     base = package[: len(package) - (level - 1)]

@@ -3,7 +3,7 @@
 No SD3.5 weights exist on the machines these tests run on, so the "SD3.5 folder" is a tiny
 diffusers StableDiffusion3Pipeline folder: the fixtures' transformer (under transformer/) and
 VAE, with random-weight CLIP-L/CLIP-G/T5 whose tokenizers are built offline
-(davae_training.stage2.text_conditioning.write_tiny_sd3_pipeline).  The real code paths (diffusers'
+(davae_testing.tiny_sd3_pipeline.write_tiny_sd3_pipeline).  The real code paths (diffusers'
 encode_prompt, StableDiffusion3Pipeline for the synthetic data) run on it.  The shipped tiny
 config uses the hashing text stand-in instead; the kill-and-resume runs use that config as is.
 """
@@ -39,7 +39,7 @@ PROMPTS = ["a red fox in the snow", "a bowl of ramen", "a city at night", "a mou
 @pytest.fixture(scope="module")
 def sd35_folder(fixtures_dir, tmp_path_factory):
     """A tiny diffusers SD3.5 folder: model_index.json, transformer/ (the fixture), vae/, text encoders."""
-    from davae_training.stage2.text_conditioning import write_tiny_sd3_pipeline
+    from davae_testing.tiny_sd3_pipeline import write_tiny_sd3_pipeline
 
     root = tmp_path_factory.mktemp("sd35_tiny") / "sd35"
     return write_tiny_sd3_pipeline(root, fixtures_dir / "sd3_transformer", fixtures_dir / "sd3_vae")

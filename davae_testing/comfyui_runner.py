@@ -1,20 +1,21 @@
 """Run the node pack inside a real ComfyUI, in-process on CPU, with the fixtures' tiny files.
 
-Used by the integration tests (through ``tests/comfyui_harness.py``) and by the demo.  ComfyUI
-comes from ``COMFYUI_PATH``.  The pack is loaded the way ComfyUI loads any custom node (a
+Test scaffolding (see :mod:`davae_testing`): used by the integration tests (through
+``tests/comfyui_harness.py``) and by the demo's ComfyUI step.  ComfyUI comes from
+``COMFYUI_PATH``.  The pack is loaded the way ComfyUI loads any custom node (a
 ``custom_nodes`` folder holding a link to this repository), and prompts run through ComfyUI's
 own ``validate_prompt`` and ``PromptExecutor``.  Needs only what ComfyUI's environment has
-(no diffusers, peft, accelerate or pytest), and imports nothing else of ``davae_training``,
-so it also runs as a plain file on ``sys.path``.
+(no diffusers, peft, accelerate or pytest) and imports nothing of this repository but the
+pack ComfyUI loaded, so it also runs as a plain file.
 
 What the tiny fixtures cannot provide is substituted, and only that:
 
 * text encoders: the tiny checkpoint has none, so ``TripleCLIPLoader`` is dropped and each
   ``CLIPTextEncode`` becomes ``DATestConditioning`` (seeded random context 64-wide and pooled
   32-wide, the tiny MMDiT's sizes);
-* the stock SD3 VAE: ComfyUI builds it only at SD3 width, so the checkpoint loader's VAE
-  output is replaced by ``DATestSD3VAELoader``, the fixtures' tiny SD3-layout VAE built from
-  ComfyUI's trunks behind the same ``comfy.sd.VAE`` interface;
+* the stock SD3 VAE: ComfyUI infers it from its keys only at SD3 width, so the checkpoint
+  loader's VAE output is replaced by ``DATestSD3VAELoader``: the fixtures' tiny SD3-layout VAE
+  as ComfyUI's own ``comfy.sd.VAE``, built from a config;
 * file names point at the fixtures, sizes are divided by 4 (8 for 2048) and samplers run 2 steps.
 """
 
@@ -164,16 +165,32 @@ def _vae_loader_class(fixtures_dir: Path):
 
 
 def tiny_stock_vae(fixtures_dir: Path):
-    """The fixtures' tiny SD3-layout VAE (a diffusers folder) behind ComfyUI's VAE interface, like the stock
-    SD3 VAE; built from ComfyUI's own trunks, so no diffusers is needed here."""
+    """The fixtures' tiny SD3-layout VAE (a diffusers folder) as ComfyUI's own ``comfy.sd.VAE``.
+
+    ComfyUI infers a VAE's shape from its keys only at SD3 width, so the tiny one is built
+    through ``VAE``'s ``config`` argument (an ``AutoencoderKL`` with these trunk arguments and
+    GroupNorm groups).  That model has 1x1 quant convs, which the SD3 VAE lacks: identity
+    weights make it the same map.  No diffusers is needed here.
+    """
+    import comfy.sd
     import torch
     from safetensors.torch import load_file
 
     folder = fixtures_dir / "sd3_vae"
     config = json.loads((folder / "config.json").read_text())
-    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-    first_stage = pack_module("nodes.comfy_davae").ComfyAutoencoderKL(config, state)
-    return pack_module("nodes.vae_adapter").WrappedVAE(first_stage, latent_channels=16, ratio=8, dtype=torch.float32)
+    if config.get("use_quant_conv") or config.get("use_post_quant_conv") or not config.get("mid_block_add_attention", True):
+        raise ValueError(f"{folder}: not an SD3-layout VAE (no quant convs, mid-block attention)")
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))  # diffusers keys: VAE converts them
+    channels = config["latent_channels"]
+    identity = {"quant_conv": 2 * channels, "post_quant_conv": channels}
+    for name, n in identity.items():
+        state[f"{name}.weight"], state[f"{name}.bias"] = torch.eye(n)[:, :, None, None], torch.zeros(n)
+    trunks = pack_module("nodes.comfy_davae")
+    params = {"ddconfig": trunks.trunk_kwargs(config, str(folder)), "embed_dim": channels}
+    with trunks.norm_groups(config["norm_num_groups"]):
+        vae = comfy.sd.VAE(sd=state, config={"params": params}, dtype=torch.float32)
+    vae.latent_channels = channels  # VAE keeps its SD1 default (4) when given a config
+    return vae
 
 
 # ------------------------------------------------------------------ workflows
