@@ -169,8 +169,9 @@ def tiny_stock_vae(fixtures_dir: Path):
 
     ComfyUI infers a VAE's shape from its keys only at SD3 width, so the tiny one is built
     through ``VAE``'s ``config`` argument (an ``AutoencoderKL`` with these trunk arguments and
-    GroupNorm groups).  That model has 1x1 quant convs, which the SD3 VAE lacks: identity
-    weights make it the same map.  No diffusers is needed here.
+    GroupNorm groups).  That model has 1x1 quant convs, which the SD3 VAE lacks: they load as
+    identities and are then dropped, so the module tree and its keys are the SD3 VAE's
+    (``encoder.*``, ``decoder.*``).  No diffusers is needed here.
     """
     import comfy.sd
     import torch
@@ -189,6 +190,7 @@ def tiny_stock_vae(fixtures_dir: Path):
     params = {"ddconfig": trunks.trunk_kwargs(config, str(folder)), "embed_dim": channels}
     with trunks.norm_groups(config["norm_num_groups"]):
         vae = comfy.sd.VAE(sd=state, config={"params": params}, dtype=torch.float32)
+    vae.first_stage_model.quant_conv = vae.first_stage_model.post_quant_conv = torch.nn.Identity()
     vae.latent_channels = channels  # VAE keeps its SD1 default (4) when given a config
     return vae
 

@@ -26,6 +26,7 @@ from ..davae_core.davae_config import DAVAEConfig
 OPS = comfy.ops.disable_weight_init  # what comfy.sd.VAE builds its models from; ComfyUI casts the whole model
 _LDM_GROUPS = 32  # ComfyUI's trunks hard-code 32 GroupNorm groups (the SD3 VAE's value)
 _TRUNKS = {"base_encoder.": "encoder.", "detail_trunk.": "encoder.", "decoder_trunk.": "decoder."}
+_BASE_PREFIXES = ("base_encoder.", "base_quant_conv.")
 _build_lock = threading.Lock()
 
 
@@ -119,18 +120,58 @@ class ComfyDAVAE(DAWiring):
         self.attach(config, detail_trunk, decoder_trunk, base_encoder, base_quant_conv, conv_cls=OPS.Conv2d)
 
 
-def build_comfy_davae(config: DAVAEConfig, state: dict[str, torch.Tensor], source: str = "DA-VAE") -> ComfyDAVAE:
-    """A :class:`ComfyDAVAE` holding ``state`` (our file's keys); refuses tensors that do not fit."""
-    has_base = any(k.startswith("base_encoder.") for k in state)
+def holds_base_encoder(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a DA-VAE file's tensors include its frozen copy of the SD3 encoder."""
+    return any(k.startswith("base_encoder.") for k in state)
+
+
+def stock_base_encoder(first_stage: nn.Module) -> dict[str, torch.Tensor]:
+    """A stock ComfyUI VAE model's encoder (+ quant conv) under the DA-VAE's base-encoder keys.
+
+    Both sides are ComfyUI-built trunks, so only the prefixes change.  The DA-VAE takes its own
+    copy: it then encodes the base channels under its own patcher, on its own device and dtype,
+    and never asks ComfyUI to load the stock VAE in the middle of a DA encode.
+    """
+    rename = dict(zip(("encoder.", "quant_conv."), _BASE_PREFIXES))
+    return {
+        new + key[len(old):]: value
+        for key, value in first_stage.state_dict().items()
+        for old, new in rename.items()
+        if key.startswith(old)
+    }
+
+
+def build_comfy_davae(
+    config: DAVAEConfig, state: dict[str, torch.Tensor], source: str = "DA-VAE", base_encoder: dict[str, torch.Tensor] | None = None,
+) -> ComfyDAVAE:
+    """A :class:`ComfyDAVAE` holding ``state`` (our file's keys); refuses tensors that do not fit.
+
+    ``base_encoder`` (from :func:`stock_base_encoder`) supplies the base encoder of a file saved without it.
+    """
     try:
-        model = ComfyDAVAE(config, with_base_encoder=has_base, source=source)
+        model = ComfyDAVAE(config, with_base_encoder=base_encoder is not None or holds_base_encoder(state), source=source)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{source}: its architecture config cannot be built ({e})") from e
     mapped = comfy_trunk_keys(state)
+    if base_encoder is not None:
+        _check_stock_encoder_fits(model, base_encoder, source)
+        mapped.update(base_encoder)
     for key, value in model.normalizer.state_dict().items():  # files without statistics: identity affine
         mapped.setdefault(f"normalizer.{key}", value)
     check_state_dict(source, model, mapped)
     model.load_state_dict(mapped)
     return model.eval().requires_grad_(False)
+
+
+def _check_stock_encoder_fits(model: ComfyDAVAE, base_encoder: dict[str, torch.Tensor], source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(_BASE_PREFIXES)}
+    found = {k: tuple(v.shape) for k, v in base_encoder.items()}
+    off = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if off:
+        raise CheckpointError(
+            f"{source}: holds no base encoder, and the encoder of the VAE connected to 'vae' does not fit it "
+            f"({len(off)} tensors missing, extra or of another shape, e.g. {', '.join(off[:3])}); connect the "
+            f"{model.config.base_name.upper()} VAE this DA-VAE was trained with (the SD3 / SD3.5 checkpoint's VAE)"
+        )

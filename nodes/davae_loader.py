@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from . import da_files
-from .comfy_davae import build_comfy_davae
+from .comfy_davae import build_comfy_davae, holds_base_encoder, stock_base_encoder
 from .errors import node_error
 from .vae_adapter import DAComfyVAE, is_da_vae
 
@@ -31,8 +31,11 @@ def check_base_vae(vae) -> None:
 
 
 def load_da_vae(path: str, base_vae=None, dtype: torch.dtype | None = None) -> DAComfyVAE:
-    davae = build_comfy_davae(*da_files.tokenizer_state(path), source=path)
-    if not davae.has_base_encoder:
+    """The DA-VAE file at ``path`` as a ComfyUI VAE; ``base_vae`` (the stock SD3 VAE) gives the base
+    encoder of a file saved without one, and is ignored otherwise (the file's own frozen copy is used)."""
+    config, state = da_files.tokenizer_state(path)
+    base_encoder = None
+    if not holds_base_encoder(state):
         if base_vae is None or getattr(base_vae, "first_stage_model", 1) is None:
             raise node_error(
                 NODE, "vae", "the stock SD3 VAE, because this DA-VAE file holds no base encoder",
@@ -41,9 +44,8 @@ def load_da_vae(path: str, base_vae=None, dtype: torch.dtype | None = None) -> D
                 "loader's 'vae' input, or use a DA-VAE file saved with its base encoder.",
             )
         check_base_vae(base_vae)
-    else:
-        base_vae = None  # the file's own frozen copy of the SD3 encoder is used
-    return DAComfyVAE(davae, base_vae, dtype)
+        base_encoder = stock_base_encoder(base_vae.first_stage_model)
+    return DAComfyVAE(build_comfy_davae(config, state, path, base_encoder), dtype)
 
 
 class DAVAELoader(io.ComfyNode):

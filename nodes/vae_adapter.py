@@ -30,26 +30,15 @@ _DECODE_LIVE = 2178.0 / 128
 
 
 class DAFirstStage(nn.Module):
-    """Encode/decode in ComfyUI's raw latent space around a :class:`ComfyDAVAE`.
+    """Encode/decode in ComfyUI's raw latent space (:mod:`davae_core.comfy_latent`) around a :class:`ComfyDAVAE`."""
 
-    ``base_vae`` (a stock ComfyUI SD3 VAE) encodes the base channels when the DA-VAE file
-    holds no base encoder.  It is kept as a plain attribute: its own patcher moves it.
-    """
-
-    def __init__(self, davae: ComfyDAVAE, base_vae=None):
+    def __init__(self, davae: ComfyDAVAE):
         super().__init__()
         self.davae = davae
-        self.base_vae = base_vae
-
-    def _stock_base_latent(self, image_pm: torch.Tensor) -> torch.Tensor:
-        low = self.davae.downsample(image_pm.float())  # the same bicubic 2x the DA-VAE was trained with
-        pixels = ((low + 1.0) / 2.0).movedim(1, -1)  # stock VAE.encode takes (B, H, W, 3) in [0, 1]
-        return self.base_vae.encode(pixels).to(image_pm)
 
     def encode(self, image_pm: torch.Tensor) -> torch.Tensor:
         image_pm = image_pm.contiguous()  # ComfyUI hands a channels-last view; CPU convs are far slower on it
-        base = None if self.davae.has_base_encoder else self._stock_base_latent(image_pm)
-        return to_comfy_latent(self.davae.encode_raw_pm(image_pm, base), self.davae.normalizer)
+        return to_comfy_latent(self.davae.encode_raw_pm(image_pm), self.davae.normalizer)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.davae.decode_raw(from_comfy_latent(latent, self.davae.normalizer))
@@ -95,11 +84,11 @@ class DAComfyVAE(comfy.sd.VAE):
     expects (it returns early); the model, ratios, memory estimates and devices are set here.
     """
 
-    def __init__(self, davae: ComfyDAVAE, base_vae=None, dtype: torch.dtype | None = None):
+    def __init__(self, davae: ComfyDAVAE, dtype: torch.dtype | None = None):
         with _quiet_logging():
             super().__init__(sd={})
         self.davae = davae
-        self.first_stage_model = DAFirstStage(davae, base_vae).eval()
+        self.first_stage_model = DAFirstStage(davae).eval()
         self.latent_channels = davae.layout.channels
         self.downscale_ratio = self.upscale_ratio = davae.layout.factor
         self.working_dtypes = [torch.bfloat16, torch.float32]  # the SD3 VAE's; fp16 overflows in its decoder
