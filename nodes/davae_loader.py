@@ -12,7 +12,7 @@ from .errors import node_error
 from .vae_adapter import DAComfyVAE, is_da_vae
 
 NODE = "DA-VAE Loader"
-DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16}  # no fp16: the DA-VAE overflows in it
 
 
 def check_base_vae(vae) -> None:
@@ -33,6 +33,11 @@ def check_base_vae(vae) -> None:
 def load_da_vae(path: str, base_vae=None, dtype: torch.dtype | None = None) -> DAComfyVAE:
     """The DA-VAE file at ``path`` as a ComfyUI VAE; ``base_vae`` (the stock SD3 VAE) gives the base
     encoder of a file saved without one, and is ignored otherwise (the file's own frozen copy is used)."""
+    if dtype is not None and dtype not in DTYPES.values():
+        raise node_error(
+            NODE, "dtype", "fp32 or bf16 (or default)", "fp16" if dtype == torch.float16 else str(dtype),
+            "The DA-VAE overflows in fp16 (black or NaN images): use bf16 on cards that have it, else fp32.",
+        )
     config, state = da_files.tokenizer_state(path)
     base_encoder = None
     if not holds_base_encoder(state):
@@ -69,7 +74,8 @@ class DAVAELoader(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "dtype", options=list(DTYPES), default="default",
-                    tooltip="Weight dtype; 'default' lets ComfyUI choose as for the SD3 VAE (bf16 on recent GPUs, else fp32).",
+                    tooltip="Weight dtype; 'default' lets ComfyUI choose as for the SD3 VAE (bf16 on recent GPUs, else fp32). "
+                    "No fp16: the DA-VAE overflows in it (and ignores --fp16-vae).",
                 ),
                 io.Vae.Input(
                     "vae", optional=True,

@@ -27,6 +27,7 @@ from .comfy_davae import ComfyDAVAE
 # activations of that width per pixel.  Our estimates scale them by the real widths.
 _ENCODE_LIVE = 1767.0 / 128
 _DECODE_LIVE = 2178.0 / 128
+WORKING_DTYPES = (torch.bfloat16, torch.float32)  # the SD3 VAE's; fp16 overflows in its decoder, and in ours
 
 
 class DAFirstStage(nn.Module):
@@ -66,6 +67,22 @@ def memory_estimates(davae: ComfyDAVAE):
     return encode, decode
 
 
+def default_dtype(device) -> torch.dtype:
+    """ComfyUI's choice for a VAE that works in bf16 or fp32 (bf16 where the card has it), never fp16.
+
+    ``--fp16-vae`` makes ComfyUI's choice fp16 for every VAE; the DA-VAE overflows there, like
+    the SD3 VAE's decoder, so it takes the next working dtype instead and says so.
+    """
+    dtype = mm.vae_dtype(device, WORKING_DTYPES)
+    if dtype not in WORKING_DTYPES:
+        dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+        logging.getLogger(__name__).warning(
+            "DA-VAE: --fp16-vae is not followed, the DA-VAE overflows in fp16 (black or NaN images); running it in %s",
+            str(dtype).removeprefix("torch."),
+        )
+    return dtype
+
+
 @contextmanager
 def _quiet_logging():
     """``VAE.__init__`` with no weights logs a warning about it; that is expected here."""
@@ -91,10 +108,10 @@ class DAComfyVAE(comfy.sd.VAE):
         self.first_stage_model = DAFirstStage(davae).eval()
         self.latent_channels = davae.layout.channels
         self.downscale_ratio = self.upscale_ratio = davae.layout.factor
-        self.working_dtypes = [torch.bfloat16, torch.float32]  # the SD3 VAE's; fp16 overflows in its decoder
+        self.working_dtypes = list(WORKING_DTYPES)
         self.memory_used_encode, self.memory_used_decode = memory_estimates(davae)
         self.device = mm.vae_device()
-        self.vae_dtype = dtype or mm.vae_dtype(self.device, self.working_dtypes)
+        self.vae_dtype = dtype or default_dtype(self.device)
         self.first_stage_model.to(self.vae_dtype)
         self.output_device = mm.intermediate_device()
         self.patcher = comfy.model_patcher.ModelPatcher(

@@ -81,3 +81,28 @@ def test_a_vae_input_whose_encoder_does_not_fit_is_refused_naming_it(comfy, slim
     with pytest.raises(checkpoint.CheckpointError, match=r"davae_slim.safetensors: holds no base encoder, and the encoder of the VAE connected to 'vae' does not fit it "
                        r"\(76 tensors .*connect the SD3 VAE this DA-VAE was trained with"):
         _loader().load_da_vae(str(slim_file), not_sd3)
+
+
+# ------------------------------------------------------------------ dtype: never fp16
+def test_loader_offers_no_fp16_and_refuses_it(comfy, da_file):
+    """The DA-VAE overflows in fp16 (as the SD3 VAE's decoder does): the loader does not offer it."""
+    options = comfy["nodes"].NODE_CLASS_MAPPINGS["DAVAELoader"].INPUT_TYPES()["required"]["dtype"]
+    assert (options[0] if isinstance(options[0], list) else options[1]["options"]) == ["default", "fp32", "bf16"]
+    with pytest.raises(ValueError, match=r"DA-VAE Loader: input 'dtype' must be fp32 or bf16.*got fp16"):
+        _loader().load_da_vae(str(da_file), dtype=torch.float16)
+
+
+def test_fp16_vae_flag_does_not_put_the_da_vae_in_fp16(comfy, da_file, monkeypatch, caplog):
+    """``--fp16-vae`` makes ComfyUI's default VAE dtype fp16; the DA-VAE's default stays bf16/fp32 and says why."""
+    import logging
+
+    import comfy.model_management as mm
+    from comfy.cli_args import args
+
+    monkeypatch.setattr(args, "fp16_vae", True)
+    assert mm.vae_dtype(mm.vae_device(), [torch.bfloat16, torch.float32]) == torch.float16  # what the flag does
+    with caplog.at_level(logging.WARNING):
+        vae = _loader().load_da_vae(str(da_file))
+    assert vae.vae_dtype == torch.float32  # this CPU has no bf16 in ComfyUI's eyes
+    assert next(vae.first_stage_model.parameters()).dtype == torch.float32
+    assert any("--fp16-vae" in r.getMessage() and "overflows" in r.getMessage() for r in caplog.records)
