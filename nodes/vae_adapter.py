@@ -3,7 +3,9 @@
 ``first_stage_model`` follows ComfyUI's contract: ``encode(x in [-1, 1]) -> LATENT`` and
 ``decode(LATENT) -> [-1, 1]``, in the pack's latent convention (:mod:`davae_core.comfy_latent`).
 The model is :class:`.comfy_davae.ComfyDAVAE` (ComfyUI's own trunks); tiled encode/decode use
-:mod:`davae_core.tiling`, the same tiling as ``DAVAE.encode_tiled`` / ``decode_tiled``.
+:mod:`davae_core.tiling`, the same tiling as ``DAVAE.encode_tiled`` / ``decode_tiled``, one image
+at a time in tiles that fit the free memory ComfyUI reports (:mod:`.vae_memory`), also when
+ComfyUI falls back to them after running out of memory.
 """
 
 from __future__ import annotations
@@ -21,12 +23,8 @@ from torch import nn
 from ..davae_core.comfy_latent import from_comfy_latent, to_comfy_latent
 from ..davae_core.tiling import tile_starts, tiled_decode, tiled_encode
 from .comfy_davae import ComfyDAVAE
+from .vae_memory import decode_tiles, encode_tiles, memory_estimates
 
-# ComfyUI's measured cost of an AutoencoderKL trunk, bytes per pixel per byte of dtype, divided by
-# the trunk's width at full resolution (SD3: 128): about 14 (encode) and 17 (decode) live
-# activations of that width per pixel.  Our estimates scale them by the real widths.
-_ENCODE_LIVE = 1767.0 / 128
-_DECODE_LIVE = 2178.0 / 128
 WORKING_DTYPES = (torch.bfloat16, torch.float32)  # the SD3 VAE's; fp16 overflows in its decoder, and in ours
 
 
@@ -43,28 +41,6 @@ class DAFirstStage(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.davae.decode_raw(from_comfy_latent(latent, self.davae.normalizer))
-
-
-def memory_estimates(davae: ComfyDAVAE):
-    """ComfyUI's ``memory_used_encode`` / ``memory_used_decode`` for this DA-VAE's structure.
-
-    Encode: the detail trunk runs at full resolution (its first level is the widest per pixel);
-    the base encoder runs after it at half resolution, so it adds only its latent.  Decode: the
-    decoder trunk's last level runs at full resolution, ``factor`` x ``factor`` pixels per cell.
-    Per image, as ComfyUI divides free memory by them to pick the batch it runs at once.
-    """
-    widths = davae.config.base_vae["block_out_channels"]
-    per_pixel = max(w / 4**i for i, w in enumerate(widths))  # widest activation per full-res pixel
-    factor = davae.layout.factor
-
-    def encode(shape, dtype) -> float:  # shape (B, 3, H, W)
-        return _ENCODE_LIVE * per_pixel * shape[2] * shape[3] * mm.dtype_size(dtype)
-
-    def decode(shape, dtype) -> float:  # shape (B, C, h, w)
-        pixels = shape[2] * shape[3] * factor * factor
-        return _DECODE_LIVE * per_pixel * pixels * mm.dtype_size(dtype)
-
-    return encode, decode
 
 
 def default_dtype(device) -> torch.dtype:
@@ -109,7 +85,7 @@ class DAComfyVAE(comfy.sd.VAE):
         self.latent_channels = davae.layout.channels
         self.downscale_ratio = self.upscale_ratio = davae.layout.factor
         self.working_dtypes = list(WORKING_DTYPES)
-        self.memory_used_encode, self.memory_used_decode = memory_estimates(davae)
+        self.memory_used_encode, self.memory_used_decode = memory_estimates(davae.config)
         self.device = mm.vae_device()
         self.vae_dtype = dtype or default_dtype(self.device)
         self.first_stage_model.to(self.vae_dtype)
@@ -119,34 +95,43 @@ class DAComfyVAE(comfy.sd.VAE):
         )
         self.size = None
 
-    def _progress(self, length_y: int, length_x: int, tile: int, overlap: int, align: int = 1):
-        steps = len(tile_starts(length_y, tile, overlap, align)) * len(tile_starts(length_x, tile, overlap, align))
-        return comfy.utils.ProgressBar(steps)
+    def decode_tiled_(self, samples, tile_x=None, tile_y=None, overlap=None):
+        """ComfyUI's 2-D tiled decode (latent cells), done by the pack's one tiling implementation.
 
-    def decode_tiled_(self, samples, tile_x=64, tile_y=64, overlap=16):
-        """ComfyUI's 2-D tiled decode (latent cells), done by the pack's one tiling implementation."""
-        tile = min(tile_x, tile_y)
-        bar = self._progress(samples.shape[2], samples.shape[3], tile, overlap)
+        One image at a time, in tiles sized from the free memory (:mod:`.vae_memory`); no tile size
+        is ComfyUI's out-of-memory fallback calling.
+        """
+        tile, overlap = decode_tiles(self, samples.shape, _asked(tile_x, tile_y), overlap)
+        decode = lambda piece: self.first_stage_model.decode(self._on_device(piece))  # noqa: E731
+        return self.process_output(self._tiled(decode, tiled_decode, samples, tile, overlap, align=1))
 
-        def decode(piece):
-            out = self.first_stage_model.decode(piece.to(self.vae_dtype).to(self.device)).float()
+    def encode_tiled_(self, pixel_samples, tile_x=None, tile_y=None, overlap=None):
+        """ComfyUI's 2-D tiled encode (pixels), done like :meth:`decode_tiled_`."""
+        tile, overlap = encode_tiles(self, pixel_samples.shape, _asked(tile_x, tile_y), overlap)
+        encode = lambda piece: self.first_stage_model.encode(self._on_device(self.process_input(piece)))  # noqa: E731
+        return self._tiled(encode, tiled_encode, pixel_samples, tile, overlap, align=self.downscale_ratio)
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.vae_dtype).to(self.device)
+
+    def _tiled(self, run, tiler, x: torch.Tensor, tile: int, overlap: int, align: int) -> torch.Tensor:
+        """``tiler`` (:func:`tiled_decode` / :func:`tiled_encode`) over each image of ``x`` in turn, with a
+        progress bar; ``align``: the cells tile starts fall on (pixels per cell for encode)."""
+        per_image = len(tile_starts(x.shape[2], tile, overlap, align)) * len(tile_starts(x.shape[3], tile, overlap, align))
+        bar = comfy.utils.ProgressBar(x.shape[0] * per_image)
+
+        def step(piece):
+            out = run(piece).float()
             bar.update(1)
             return out.to(self.output_device)
 
-        return self.process_output(tiled_decode(decode, samples, self.upscale_ratio, tile, overlap))
+        return torch.cat([tiler(step, image, self.downscale_ratio, tile, overlap) for image in x.split(1)])
 
-    def encode_tiled_(self, pixel_samples, tile_x=512, tile_y=512, overlap=64):
-        """ComfyUI's 2-D tiled encode (pixels), done by the pack's one tiling implementation."""
-        f = self.downscale_ratio
-        tile = max(f, min(tile_x, tile_y) // f * f)
-        bar = self._progress(pixel_samples.shape[2], pixel_samples.shape[3], tile, overlap // f * f, f)
 
-        def encode(piece):
-            out = self.first_stage_model.encode(self.process_input(piece).to(self.vae_dtype).to(self.device)).float()
-            bar.update(1)
-            return out.to(self.output_device)
-
-        return tiled_encode(encode, pixel_samples, f, tile, overlap)
+def _asked(tile_x: int | None, tile_y: int | None) -> int | None:
+    """The square tile asked for (the DA tiling is square); ``None`` when nothing was."""
+    asked = [t for t in (tile_x, tile_y) if t is not None]
+    return min(asked) if asked else None
 
 
 def is_da_vae(vae) -> bool:
