@@ -69,9 +69,9 @@ def largest_fitting(cost: Callable[[int], float], budget: float, largest: int, s
 def _tiles(vae, side: int, asked: int | None, asked_overlap: int | None, fallback: int, share: int, step: int, cost):
     """(tile, overlap) along a side of ``side``: what was asked, or ComfyUI's fallback tile (at most
     half the side: the whole image just ran out of memory), shrunk until it fits the free memory."""
-    largest = min(fallback, max(side // 2, step)) if asked is None else asked
+    largest = max(step, (min(fallback, side // 2) if asked is None else asked) // step * step)
     budget = HEADROOM * mm.get_free_memory(vae.device)
-    tile = largest_fitting(cost, budget, max(largest, step), min(MIN_TILE_CELLS * step, largest), step)
+    tile = largest_fitting(cost, budget, largest, min(MIN_TILE_CELLS * step, largest), step)
     if asked is None or asked_overlap is None:
         overlap = tile // share
     else:

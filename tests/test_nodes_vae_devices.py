@@ -148,6 +148,7 @@ def test_comfyuis_fallback_tile_does_not_fit_an_8gb_card_and_ours_does(comfy, mo
     pixels, pixel_overlap = mem.encode_tiles(_fake_vae(encode, torch.float32), (1, 3, 2048, 2048))
     assert pixels % 16 == 0 and encode((1, 3, pixels, pixels), torch.float32) <= 0.8 * GIB
     assert encode((1, 3, pixels + 16, pixels + 16), torch.float32) > 0.8 * GIB and pixel_overlap == pixels // 8 // 16 * 16
+    assert mem.encode_tiles(_fake_vae(encode, torch.float32), (1, 3, 48, 48)) == (16, 0)  # whole cells, even when tiny
 
 
 class _SmallCard:
