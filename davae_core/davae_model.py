@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from .da_blocks import DetailDownsample, JointUpsample, half_resolution
+from .da_blocks import DetailDownsample, JointUpsample, drop_detail, half_resolution
 from .davae_config import SD3_VAE_CONFIG, DAVAEConfig, tiny_vae_config
 from .structured_latent import LatentNormalizer, merge, split
 from .tiling import tiled_decode, tiled_encode
@@ -60,16 +60,19 @@ class DAVAE(nn.Module):
         self.decoder_up = JointUpsample(self.layout.channels, features)
         self.decoder_trunk = trunk.decoder
         self.decoder_trunk.conv_in = nn.Identity()  # JointUpsample feeds the mid block directly
-        self.normalizer = LatentNormalizer(self.layout, config.base_shift, config.base_scale)
+        self.normalizer = LatentNormalizer(self.layout, config.base_shift, config.base_scale, *config.base_channel_stats)
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_base_vae(
-        cls, vae: AutoencoderKL, detail_channels: int = 16, with_base_encoder: bool = True, base_name: str = "sd3"
+        cls, vae: AutoencoderKL, detail_channels: int = 16, with_base_encoder: bool = True, base_name: str = "sd3",
+        decoder_base_space: str = "normalized",
     ) -> "DAVAE":
         """Initialise from a pretrained AutoencoderKL: base encoder copied and frozen,
         detail-encoder trunk and decoder trunk initialised from its encoder and decoder."""
-        config = DAVAEConfig(base_vae=dict(vae.config), detail_channels=detail_channels, base_name=base_name)
+        config = DAVAEConfig(
+            base_vae=dict(vae.config), detail_channels=detail_channels, base_name=base_name, decoder_base_space=decoder_base_space
+        )
         model = cls(config, with_base_encoder=with_base_encoder)
         enc = vae.encoder.state_dict()
         dec = vae.decoder.state_dict()
@@ -142,8 +145,13 @@ class DAVAE(nn.Module):
         return self.normalizer.normalize(self.encode_raw(image, base_latent))
 
     # ----------------------------------------------------------------- decoding
+    def decoder_base(self, z_norm: torch.Tensor) -> torch.Tensor:
+        """The base latent as the joint decoder reads it (``config.decoder_base_space``)."""
+        return self.normalizer.denormalize_base(z_norm) if self.config.decoder_base_space == "raw" else z_norm
+
     def _decode_model_space(self, z_norm: torch.Tensor, z_d_raw: torch.Tensor) -> torch.Tensor:
-        """The decoder reads the normalised base and the raw detail; returns [-1, 1]-ish pixels."""
+        """The decoder reads the normalised (or raw) base and the raw detail; returns [-1, 1]-ish pixels."""
+        z_norm = self.decoder_base(z_norm)
         if self.config.decoder_input_order == "detail_base":
             return self.decoder_trunk(self.decoder_up(merge(z_d_raw, z_norm)))
         return self.decoder_trunk(self.decoder_up(merge(z_norm, z_d_raw)))
@@ -173,16 +181,24 @@ class DAVAE(nn.Module):
         return tiled_decode(self.decode, latent, self.layout.factor, tile, overlap, progress)
 
     # ----------------------------------------------------------------- training
-    def forward(self, image: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """One training pass: image in [0, 1] -> reconstruction in [-1, 1] plus what the losses need."""
+    def forward(
+        self, image: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
+        detail_dropout: float = 0.0, detail_dropout_rescale: bool = True,
+    ) -> dict[str, Any]:
+        """One training pass: image in [0, 1] -> reconstruction in [-1, 1] plus what the losses need.
+
+        ``detail_dropout`` zeroes each sample's detail latent with that probability before decoding
+        (:func:`~davae_core.da_blocks.drop_detail`); ``detail`` and ``base`` (as the decoder reads
+        it: the alignment target) are returned undropped.
+        """
         self._check_image(image)
         image_pm = image * 2.0 - 1.0
         z = self.normalizer.normalize_base(self.encode_base_raw(image_pm))
         posterior = self.detail_posterior(image_pm)
         z_d = posterior.sample(generator) if sample_posterior else posterior.mode()
         return {
-            "reconstruction": self._decode_model_space(z.to(z_d), z_d),
-            "base": z,
+            "reconstruction": self._decode_model_space(z.to(z_d), drop_detail(z_d, detail_dropout, generator, detail_dropout_rescale)),
+            "base": self.decoder_base(z),
             "detail": z_d,
             "posterior": posterior,
         }
