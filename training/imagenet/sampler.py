@@ -26,7 +26,8 @@ def time_grid(steps: int, shift: float = 0.3) -> torch.Tensor:
         raise ValueError(f"steps must be at least 2 time points, got {steps}")
     t = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
     if shift > 0:
-        t = (shift * t / (1.0 + (shift - 1.0) * t)).clamp(0.0, 1.0)  # exact ends despite rounding
+        t = shift * t / (1.0 + (shift - 1.0) * t)
+        t[-1] = 1.0  # exactly, despite rounding: the last step lands on the data
     return t
 
 
