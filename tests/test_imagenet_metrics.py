@@ -105,3 +105,29 @@ def test_reference_files_and_weights_are_checked(tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "wide.npz"), "--inception-weights", str(tmp_path / "none.pth")])
+
+
+def test_generate_scores_class_balanced_samples_of_davae_and_lightningdit(tmp_path):
+    from davae_core import save_davae, save_heads
+    from davae_core.heads import DAHeads
+    from davae_training.imagenet.da_heads import heads_config_for_lightningdit
+    from davae_training.imagenet.fixtures import lightningdit_checkpoint, tiny_dit, tiny_vavae_davae
+    from davae_training.imagenet.generate import class_balanced_labels, parser, run
+
+    assert class_balanced_labels(2003).bincount().tolist() == [3, 3, 3] + [2] * 997
+    save_davae(tiny_vavae_davae(0), tmp_path / "davae.safetensors")
+    dit = tiny_dit()
+    torch.save(lightningdit_checkpoint(dit, dit), tmp_path / "dit.pt")
+    save_heads(DAHeads(heads_config_for_lightningdit(dit, 12)), tmp_path / "heads.safetensors")
+    ref = _reference(tmp_path, _images(64, 0))
+    args = parser().parse_args([
+        "--davae", str(tmp_path / "davae.safetensors"), "--dit", str(tmp_path / "dit.pt"), "--heads", str(tmp_path / "heads.safetensors"),
+        "--num", "5", "--batch", "2", "--steps", "3", "--device", "cpu", "--ref", str(ref), "--inception-weights", "unused.pth",
+        "--save-npz", str(tmp_path / "samples.npz"),
+    ])
+    result = run(args, fid_feature=TinyFeatures(), is_feature=TinyLogits())
+    assert result["num_images"] == 5 and np.isfinite(result["fid"]) and result["inception_score"] >= 1.0
+    saved = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert saved.shape == (5, 128, 128, 3) and saved.dtype == np.uint8  # 4x4 tokens at f32
+    again = run(args, fid_feature=TinyFeatures(), is_feature=TinyLogits())
+    assert again["fid"] == result["fid"]  # the seed fixes every sample
