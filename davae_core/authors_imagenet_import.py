@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import check_state_dict, save_davae
+from .authors_import import davae_from_converted_state
+from .checkpoint import save_davae
 from .davae_config import VAVAE_CONFIG, DAVAEConfig
-from .davae_param_shapes import davae_state_shapes
-from .file_validation import CheckpointError, bounded_davae_config, compare_shapes, load_weights_only_pickle
+from .file_validation import CheckpointError, bounded_davae_config, load_weights_only_pickle
 from .ldm_vae_keys import ldm_to_diffusers
 from .vavae_import import read_latent_stats, unwrap_state_dict
 
@@ -114,23 +114,12 @@ def import_imagenet_tokenizer(
     path: str | os.PathLike, stats_path: str | os.PathLike | None = None, vae_config: dict | None = None,
 ) -> "DAVAE":
     """Load their tokenizer as a :class:`DAVAE` (base encoder included when present), statistics applied."""
-    from .davae_model import DAVAE
-
     state = unwrap_state_dict(load_weights_only_pickle(path), path)
     down, up = state.get("da.da_down.conv.weight"), state.get("da.da_up.conv.weight")
     channels = up.shape[1] if isinstance(up, torch.Tensor) and up.ndim == 4 and isinstance(down, torch.Tensor) else None
     stats = read_latent_stats(stats_path, channels) if stats_path is not None and channels else None
     config, state = convert_imagenet_tokenizer_state(state, path, vae_config, stats)
-    has_base = any(k.startswith("base_encoder.") for k in state)
-    # shapes first, without building: the real model is allocated only for tensors that fit it
-    expected = davae_state_shapes(config.to_dict(), has_base)
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    found.update({k: s for k, s in expected.items() if k.startswith("normalizer.")})  # ours, not theirs
-    compare_shapes(path, expected, found)
-    model = DAVAE(config, with_base_encoder=has_base)
-    state.update({f"normalizer.{k}": v for k, v in model.normalizer.state_dict().items()})
-    check_state_dict(path, model, state)
-    model.load_state_dict(state)
+    model = davae_from_converted_state(path, config, state)
     if stats is not None:
         base = config.layout.base_channels
         model.normalizer.set_detail_statistics(torch.tensor(stats[0][base:]), torch.tensor(stats[1][base:]))

@@ -170,3 +170,45 @@ def test_merge_and_split_are_inverse_at_patch_two():
         assert torch.allclose(split(x, t, y), merged(x, t, y), atol=1e-5)
     with pytest.raises(CheckpointError, match="reads base 16"):
         split_merged_state(state, 16)
+
+
+def test_qk_norm_can_be_switched_on_over_a_checkpoint_trained_without_it(dit_file):
+    plain = load_lightningdit(dit_file)
+    normed = load_lightningdit(dit_file, enable_qknorm=True)
+    assert normed.config.use_qknorm and not plain.config.use_qknorm
+    assert torch.equal(normed.blocks[1].attn.k_norm.weight, torch.ones(16))
+    assert torch.equal(normed.blocks[1].attn.qkv.weight, plain.blocks[1].attn.qkv.weight)
+    h = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():  # the authors' reading: normalised q and k, so not an exact warm start
+        a, b = normed.blocks[0].attn(h, normed.rope), plain.blocks[0].attn(h, plain.rope)
+    assert (a - b).abs().max() > 1e-3 * b.abs().max()
+
+
+def test_table5_head_inits():
+    from davae_training.imagenet.da_heads import initialize_detail_heads
+
+    x, t, y = _inputs()
+    stock = tiny_dit()
+    with torch.no_grad():
+        expected = stock(x, t, y)
+    source = torch.arange(4, 16) % 4
+
+    repeat = tiny_dit()
+    heads = initialize_detail_heads(DAHeads(heads_config_for_lightningdit(repeat, 12)), repeat, "repeat_average")
+    attach_da_heads(repeat, heads)
+    with torch.no_grad():
+        out = repeat(torch.cat([x, x[:, source]], 1), t, y)
+    assert torch.allclose(out[:, :4], expected, atol=1e-5)  # four copies of a quarter of P
+    assert torch.allclose(out[:, 4:], expected[:, source], atol=1e-5)  # O' repeats O
+
+    rand = tiny_dit()
+    heads = initialize_detail_heads(DAHeads(heads_config_for_lightningdit(rand, 12)), rand, "random", torch.Generator().manual_seed(0))
+    assert heads.base_embed is None and heads.detail_out.weight.abs().max() <= 64 ** -0.5
+    attach_da_heads(rand, heads)
+    with torch.no_grad():
+        assert torch.count_nonzero(rand(torch.cat([x, x[:, source]], 1), t, y)[:, 4:]) > 0
+
+    zero = initialize_detail_heads(heads, rand, "zero")
+    assert torch.count_nonzero(zero.detail_embed.weight) == 0 and zero.base_embed is None
+    with pytest.raises(ValueError, match="head init must be one of"):
+        initialize_detail_heads(heads, rand, "ones")

@@ -67,6 +67,46 @@ def heads_from_lightningdit(dit: LightningDiT, include_base: bool = False) -> DA
     return heads
 
 
+# ------------------------------------------------------------------ warm-start variants (Table 5)
+HEAD_INITS = ("zero", "random", "repeat_average")
+
+
+@torch.no_grad()
+def initialize_detail_heads(heads: DAHeads, dit: LightningDiT, mode: str = "zero", generator: torch.Generator | None = None) -> DAHeads:
+    """P'/O' as the paper starts them (``zero``) or as Table 5's ablations do, after the authors' code.
+
+    * ``random``: P' Kaiming-uniform, O' uniform(+-1/sqrt(hidden)), O' bias uniform(+-0.01);
+    * ``repeat_average`` (patch 1): detail channel j reads base channel ``j mod C``; every input
+      column, the base ones too (so P is replaced), is divided by the repeat count ``ceil((C+D)/C)``;
+      O' rows repeat O's.  On a detail latent that repeats the base latent, the embedding is P's.
+    """
+    if mode not in HEAD_INITS:
+        raise ValueError(f"head init must be one of {HEAD_INITS}, got {mode!r}")
+    heads.zero_()
+    heads.set_base_layers(None, None)
+    cfg = heads.config
+    if mode == "random":
+        nn.init.kaiming_uniform_(heads.detail_embed.weight, a=5 ** 0.5, generator=generator)
+        bound = cfg.hidden_size ** -0.5
+        nn.init.uniform_(heads.detail_out.weight, -bound, bound, generator=generator)
+        nn.init.uniform_(heads.detail_out.bias, -0.01, 0.01, generator=generator)
+    elif mode == "repeat_average":
+        if cfg.patch_size != 1:
+            raise ValueError("repeat_average is defined for patch 1 (LightningDiT-XL/1), as in the authors' code")
+        stock_embed, stock_out = _stock(dit.x_embedder.proj), _stock(dit.final_layer.linear)
+        c, d = cfg.base_channels, cfg.detail_channels
+        repeats = -(-(c + d) // c)
+        source = torch.arange(c, c + d) % c
+        base_embed = nn.Conv2d(c, cfg.hidden_size, 1).to(stock_embed.weight)
+        base_embed.weight.copy_(stock_embed.weight / repeats)
+        base_embed.bias.copy_(stock_embed.bias)
+        heads.detail_embed.weight.copy_(stock_embed.weight[:, source] / repeats)
+        heads.detail_out.weight.copy_(stock_out.weight[source])
+        heads.detail_out.bias.copy_(stock_out.bias[source])
+        heads.set_base_layers(base_embed, None)
+    return heads
+
+
 # ------------------------------------------------------------------ the authors' merged layout
 def split_merged_state(
     state: dict[str, torch.Tensor], base_channels: int, source: Any = "state dict",

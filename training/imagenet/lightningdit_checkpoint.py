@@ -10,6 +10,7 @@ differ was made for another grid or is not a LightningDiT).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -85,11 +86,27 @@ def _check_tables(model: LightningDiT, state: dict[str, torch.Tensor], source: A
             )
 
 
+def with_fresh_qk_norm(state: dict[str, torch.Tensor], config: LightningDiTConfig, source: Any) -> tuple[dict, LightningDiTConfig]:
+    """Switch qk-norm on over weights trained without it, as the DA authors' config does: the new
+    q/k RMSNorms start at weight 1, which still normalises q and k, so this warm start is not exact."""
+    if config.use_qknorm:
+        return state, config
+    logger.warning("%s: qk-norm switched on over weights trained without it; q/k norms start at weight 1", source)
+    fresh = {f"blocks.{i}.attn.{n}_norm.weight": torch.ones(config.head_dim) for i in range(config.depth) for n in "qk"}
+    return {**state, **fresh}, dataclasses.replace(config, use_qknorm=True)
+
+
 def load_lightningdit_state(
     state: dict[str, torch.Tensor], source: Any = "state dict", config: LightningDiTConfig | None = None,
+    enable_qknorm: bool = False,
 ) -> LightningDiT:
-    """A LightningDiT holding ``state`` (LightningDiT's key names), checked before it is allocated."""
+    """A LightningDiT holding ``state`` (LightningDiT's key names), checked before it is allocated.
+
+    ``enable_qknorm`` switches qk-norm on for a checkpoint trained without it (:func:`with_fresh_qk_norm`).
+    """
     config = config or infer_config(state, source)
+    if enable_qknorm:
+        state, config = with_fresh_qk_norm(state, config, source)
     weights = {k: v for k, v in state.items() if k not in ROPE_KEYS}
     compare_shapes(source, meta_shapes(lambda: LightningDiT(config), source), {k: tuple(v.shape) for k, v in weights.items()})
     model = LightningDiT(config)
@@ -99,10 +116,10 @@ def load_lightningdit_state(
 
 
 def load_lightningdit(
-    path: str | os.PathLike, prefer: str = "ema", config: LightningDiTConfig | None = None,
+    path: str | os.PathLike, prefer: str = "ema", config: LightningDiTConfig | None = None, enable_qknorm: bool = False,
 ) -> LightningDiT:
     """LightningDiT from a ``{"model", "ema"}`` checkpoint (``ema`` unless ``prefer="model"``)."""
     state, chosen = select_weights(load_weights_only_pickle(path), path, prefer)
-    model = load_lightningdit_state(state, path, config)
+    model = load_lightningdit_state(state, path, config, enable_qknorm)
     logger.info("%s: loaded the '%s' weights (%s)", path, chosen, model.config)
     return model
