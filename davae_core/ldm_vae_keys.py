@@ -40,16 +40,24 @@ _DIF_RESAMPLE = re.compile(r"(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.(
 _DIF_MID = re.compile(r"(encoder|decoder)\.mid_block\.(resnets\.0|attentions\.0|resnets\.1)\.(.+)")
 
 
-def ldm_key_to_diffusers(key: str, levels: int) -> str | None:
-    """One LDM autoencoder key in diffusers' naming (``levels`` = number of resolution levels), or None."""
+def _rename_unnested(key: str, to_diffusers: bool) -> str | None:
+    """Keys outside the levels and the mid block: the KL convs, ``conv_in``/``conv_out``, the last norm."""
     if key.startswith(("quant_conv.", "post_quant_conv.")):
         return key
     trunk, _, rest = key.partition(".")
     if trunk in ("encoder", "decoder"):
         if rest.startswith(_SAME):
             return key
-        if rest.startswith("norm_out."):
-            return f"{trunk}.conv_norm_out.{rest[len('norm_out.'):]}"
+        old, new = ("norm_out.", "conv_norm_out.") if to_diffusers else ("conv_norm_out.", "norm_out.")
+        if rest.startswith(old):
+            return f"{trunk}.{new}{rest[len(old):]}"
+    return None
+
+
+def ldm_key_to_diffusers(key: str, levels: int) -> str | None:
+    """One LDM autoencoder key in diffusers' naming (``levels`` = number of resolution levels), or None."""
+    if (renamed := _rename_unnested(key, True)) is not None:
+        return renamed
     if m := _LDM_LEVEL.fullmatch(key):
         where, level, kind, j, tail = m.groups()
         level = int(level) if where == "encoder.down" else levels - 1 - int(level)
@@ -70,14 +78,8 @@ def ldm_key_to_diffusers(key: str, levels: int) -> str | None:
 
 def diffusers_key_to_ldm(key: str, levels: int) -> str | None:
     """Inverse of :func:`ldm_key_to_diffusers`."""
-    if key.startswith(("quant_conv.", "post_quant_conv.")):
-        return key
-    trunk, _, rest = key.partition(".")
-    if trunk in ("encoder", "decoder"):
-        if rest.startswith(_SAME):
-            return key
-        if rest.startswith("conv_norm_out."):
-            return f"{trunk}.norm_out.{rest[len('conv_norm_out.'):]}"
+    if (renamed := _rename_unnested(key, False)) is not None:
+        return renamed
     if m := _DIF_LEVEL.fullmatch(key):
         where, level, part, j, tail = m.groups()
         down = where == "encoder.down_blocks"
