@@ -109,13 +109,11 @@ def read_tokenizer(path: str | os.PathLike, vae_config: dict | None = None) -> t
     return convert_tokenizer_state(_read_any(path), str(path), vae_config)
 
 
-def import_tokenizer(
-    path: str | os.PathLike, vae_config: dict | None = None, stats: dict | None = None,
-) -> "DAVAE":
-    """Load an authors' tokenizer file as a :class:`DAVAE` (base encoder included when present)."""
+def davae_from_converted_state(path: str | os.PathLike, config: DAVAEConfig, state: dict[str, torch.Tensor]) -> "DAVAE":
+    """A :class:`DAVAE` holding an imported ``state`` (base encoder included when present; the
+    normaliser's own identity statistics filled in), its shapes checked before it is built."""
     from .davae_model import DAVAE
 
-    config, state = read_tokenizer(path, vae_config)
     has_base = any(k.startswith("base_encoder.") for k in state)
     # shapes first, on the meta device: the real model is built only for tensors that fit it
     expected = davae_state_shapes(config.to_dict(), has_base)
@@ -126,6 +124,15 @@ def import_tokenizer(
     state.update({f"normalizer.{k}": v for k, v in model.normalizer.state_dict().items()})
     check_state_dict(path, model, state)
     model.load_state_dict(state)
+    return model
+
+
+def import_tokenizer(
+    path: str | os.PathLike, vae_config: dict | None = None, stats: dict | None = None,
+) -> "DAVAE":
+    """Load an authors' tokenizer file as a :class:`DAVAE` (base encoder included when present)."""
+    config, state = read_tokenizer(path, vae_config)
+    model = davae_from_converted_state(path, config, state)
     if stats is not None:  # their optional latent_norm_stats.json: {"mean": [...], "std": [...]}
         model.normalizer.set_detail_statistics(
             torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)

@@ -177,7 +177,8 @@ def save_davae(
         "detail_channels": layout.detail_channels,
         "factor": layout.factor,
         "normalization": {
-            "base": {"shift": norm.base_shift, "scale": norm.base_scale},
+            "base": {"shift": norm.base_shift, "scale": norm.base_scale} if norm.base_mean is None else
+                    "per-channel (z - mean) / std * scale (config base_vae.latents_mean/std, scaling_factor)",
             "detail": "identity" if norm.detail_is_identity else "per-channel affine (normalizer.detail_mean/std)",
         },
         "has_base_encoder": any(k.startswith("base_encoder.") for k in state),

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .da_blocks import DetailDownsample, JointUpsample, half_resolution
+from .da_blocks import DetailDownsample, JointUpsample, drop_detail, half_resolution
 from .davae_config import DAVAEConfig
 from .structured_latent import LatentNormalizer, merge, split
 
@@ -49,7 +49,7 @@ class DAWiring(nn.Module):
         self.decoder_up = JointUpsample(self.layout.channels, features, conv_cls=conv_cls)
         self.decoder_trunk = decoder_trunk
         self.decoder_trunk.conv_in = nn.Identity()  # JointUpsample feeds the mid block directly
-        self.normalizer = LatentNormalizer(self.layout, config.base_shift, config.base_scale)
+        self.normalizer = LatentNormalizer(self.layout, config.base_shift, config.base_scale, *config.base_channel_stats)
 
     @property
     def has_base_encoder(self) -> bool:
@@ -85,11 +85,24 @@ class DAWiring(nn.Module):
         return merge(z.to(z_d), z_d)
 
     # ----------------------------------------------------------------- decoding
+    def decoder_base(self, z_norm: torch.Tensor) -> torch.Tensor:
+        """The base latent as the joint decoder reads it (``config.decoder_base_space``)."""
+        return self.normalizer.denormalize_base(z_norm) if self.config.decoder_base_space == "raw" else z_norm
+
     def _decode_model_space(self, z_norm: torch.Tensor, z_d_raw: torch.Tensor) -> torch.Tensor:
-        """The decoder reads the normalised base and the raw detail; returns [-1, 1]-ish pixels."""
+        """The decoder reads the normalised (or raw: VA-VAE) base and the raw detail; returns [-1, 1]-ish pixels."""
+        z_norm = self.decoder_base(z_norm)
         if self.config.decoder_input_order == "detail_base":
             return self.decoder_trunk(self.decoder_up(merge(z_d_raw, z_norm)))
         return self.decoder_trunk(self.decoder_up(merge(z_norm, z_d_raw)))
+
+    def decode_for_training(
+        self, z_norm: torch.Tensor, z_d_raw: torch.Tensor, detail_dropout: float = 0.0,
+        generator: torch.Generator | None = None, rescale: bool = True,
+    ) -> torch.Tensor:
+        """The training decode: each sample's detail is first dropped with probability ``detail_dropout``
+        (:func:`~davae_core.da_blocks.drop_detail`), so the decoder also learns to work from the base alone."""
+        return self._decode_model_space(z_norm.to(z_d_raw), drop_detail(z_d_raw, detail_dropout, generator, rescale))
 
     def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw structured latent -> pixels in [-1, 1] (ComfyUI's first_stage_model contract)."""

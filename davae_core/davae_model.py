@@ -53,11 +53,14 @@ class DAVAE(DAWiring):
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_base_vae(
-        cls, vae: AutoencoderKL, detail_channels: int = 16, with_base_encoder: bool = True, base_name: str = "sd3"
+        cls, vae: AutoencoderKL, detail_channels: int = 16, with_base_encoder: bool = True, base_name: str = "sd3",
+        decoder_base_space: str = "normalized",
     ) -> "DAVAE":
         """Initialise from a pretrained AutoencoderKL: base encoder copied and frozen,
         detail-encoder trunk and decoder trunk initialised from its encoder and decoder."""
-        config = DAVAEConfig(base_vae=dict(vae.config), detail_channels=detail_channels, base_name=base_name)
+        config = DAVAEConfig(
+            base_vae=dict(vae.config), detail_channels=detail_channels, base_name=base_name, decoder_base_space=decoder_base_space
+        )
         model = cls(config, with_base_encoder=with_base_encoder)
         enc = vae.encoder.state_dict()
         dec = vae.decoder.state_dict()
@@ -126,16 +129,24 @@ class DAVAE(DAWiring):
         return tiled_decode(self.decode, latent, self.layout.factor, tile, overlap, progress)
 
     # ----------------------------------------------------------------- training
-    def forward(self, image: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """One training pass: image in [0, 1] -> reconstruction in [-1, 1] plus what the losses need."""
+    def forward(
+        self, image: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
+        detail_dropout: float = 0.0, detail_dropout_rescale: bool = True,
+    ) -> dict[str, Any]:
+        """One training pass: image in [0, 1] -> reconstruction in [-1, 1] plus what the losses need.
+
+        ``detail_dropout`` zeroes each sample's detail latent with that probability before decoding
+        (:meth:`decode_for_training`); ``detail`` and ``base`` (as the decoder reads
+        it: the alignment target) are returned undropped.
+        """
         self._check_image(image)
         image_pm = image * 2.0 - 1.0
         z = self.normalizer.normalize_base(self.encode_base_raw(image_pm))
         posterior = self.detail_posterior(image_pm)
         z_d = posterior.sample(generator) if sample_posterior else posterior.mode()
         return {
-            "reconstruction": self._decode_model_space(z.to(z_d), z_d),
-            "base": z,
+            "reconstruction": self.decode_for_training(z, z_d, detail_dropout, generator, detail_dropout_rescale),
+            "base": self.decoder_base(z),
             "detail": z_d,
             "posterior": posterior,
         }

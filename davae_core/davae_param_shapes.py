@@ -2,7 +2,7 @@
 
 File checks need the shapes a config implies before anything is built, and inside ComfyUI
 without diffusers.  These are the shapes of diffusers' ``AutoencoderKL`` encoder and decoder
-(ResNet blocks, one-head mid-block attention, stride-2 down / nearest up convolutions) plus
+(ResNet blocks, one-head attention in the mid block and in ``Attn*`` blocks, stride-2 down / nearest up convolutions) plus
 the DA-VAE's own layers; tests compare them with a ``meta``-device build of the real model.
 """
 
@@ -32,14 +32,24 @@ def _resnet(out: Shapes, name: str, cin: int, cout: int) -> None:
         _conv(out, f"{name}.conv_shortcut", cin, cout, 1)
 
 
+def _attention(out: Shapes, name: str, channels: int) -> None:
+    """diffusers' one-head spatial self-attention (group norm, q/k/v/out as linears)."""
+    _norm(out, f"{name}.group_norm", channels)
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        out[f"{name}.{proj}.weight"] = (channels, channels)
+        out[f"{name}.{proj}.bias"] = (channels,)
+
+
 def _mid_block(out: Shapes, name: str, channels: int, attention: bool) -> None:
     _resnet(out, f"{name}.resnets.0", channels, channels)
     if attention:
-        _norm(out, f"{name}.attentions.0.group_norm", channels)
-        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            out[f"{name}.attentions.0.{proj}.weight"] = (channels, channels)
-            out[f"{name}.attentions.0.{proj}.bias"] = (channels,)
+        _attention(out, f"{name}.attentions.0", channels)
     _resnet(out, f"{name}.resnets.1", channels, channels)
+
+
+def _with_attention(block_type: str) -> bool:
+    """``AttnDownEncoderBlock2D`` / ``AttnUpDecoderBlock2D`` (VA-VAE's deepest level) attend after each ResNet."""
+    return block_type.startswith("Attn")
 
 
 def encoder_shapes(vae: dict[str, Any], prefix: str, with_conv_out: bool) -> Shapes:
@@ -47,9 +57,12 @@ def encoder_shapes(vae: dict[str, Any], prefix: str, with_conv_out: bool) -> Sha
     out: Shapes = {}
     _conv(out, f"{prefix}conv_in", vae.get("in_channels", 3), widths[0], 3)
     cin = widths[0]
+    types = vae.get("down_block_types", ["DownEncoderBlock2D"] * len(widths))
     for i, width in enumerate(widths):
         for j in range(layers):
             _resnet(out, f"{prefix}down_blocks.{i}.resnets.{j}", cin if j == 0 else width, width)
+            if _with_attention(types[i]):
+                _attention(out, f"{prefix}down_blocks.{i}.attentions.{j}", width)
         if i < len(widths) - 1:
             _conv(out, f"{prefix}down_blocks.{i}.downsamplers.0.conv", width, width, 3)
         cin = width
@@ -66,9 +79,12 @@ def decoder_trunk_shapes(vae: dict[str, Any], prefix: str) -> Shapes:
     out: Shapes = {}
     _mid_block(out, f"{prefix}mid_block", widths[-1], vae.get("mid_block_add_attention", True))
     cin = widths[-1]
+    types = vae.get("up_block_types", ["UpDecoderBlock2D"] * len(widths))
     for i, width in enumerate(reversed(widths)):
         for j in range(layers + 1):
             _resnet(out, f"{prefix}up_blocks.{i}.resnets.{j}", cin if j == 0 else width, width)
+            if _with_attention(types[i]):
+                _attention(out, f"{prefix}up_blocks.{i}.attentions.{j}", width)
         if i < len(widths) - 1:
             _conv(out, f"{prefix}up_blocks.{i}.upsamplers.0.conv", width, width, 3)
         cin = width
@@ -89,6 +105,8 @@ def davae_state_shapes(config: dict[str, Any], with_base_encoder: bool) -> Shape
             _conv(out, "base_quant_conv", 2 * base, 2 * base, 1)
     out.update(encoder_shapes(vae, "detail_trunk.", with_conv_out=False))
     _conv(out, "detail_down.conv", features, 2 * detail // 4, 3)
+    if (4 * features) % (2 * detail):  # no grouped mean fits: the learnable shortcut of DetailDownsample
+        out["detail_down.shortcut_proj.weight"] = (2 * detail, 4 * features, 1, 1)
     _conv(out, "decoder_up.conv", base + detail, 4 * features, 3)
     out.update(decoder_trunk_shapes(vae, "decoder_trunk."))
     out["normalizer.detail_mean"] = (detail,)

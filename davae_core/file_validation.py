@@ -57,6 +57,8 @@ MAX_BLOCKS = 8
 MAX_BLOCK_WIDTH = 4096
 DETAIL_CHANNELS_RANGE = (1, 256)
 ACTIVATIONS = {"silu", "swish", "relu", "gelu", "mish"}
+# diffusers AutoencoderKL blocks: plain (SD3) or with attention after each ResNet (VA-VAE's deepest level)
+BLOCK_TYPES = {"down": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"), "up": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")}
 
 
 # ------------------------------------------------------------------ safetensors header
@@ -208,10 +210,11 @@ def _bounded_base_vae(path: Any, vae: Any) -> dict[str, Any]:
     out["block_out_channels"] = [
         _bounded_int(path, f"base_vae.block_out_channels[{i}]", w, 1, MAX_BLOCK_WIDTH) for i, w in enumerate(widths)
     ]
-    for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+    for name, allowed in (("down_block_types", BLOCK_TYPES["down"]), ("up_block_types", BLOCK_TYPES["up"])):
         types = vae.get(name)
-        if not isinstance(types, list) or len(types) != len(widths) or any(t != allowed for t in types):
-            raise _field_error(path, f"base_vae.{name}", types, f"a list of {len(widths)} times {allowed!r}")
+        if not isinstance(types, list) or len(types) != len(widths) or any(t not in allowed for t in types):
+            choices = " or ".join(repr(t) for t in allowed)
+            raise _field_error(path, f"base_vae.{name}", types, f"a list of {len(widths)} entries, each {choices}")
         out[name] = list(types)
     if "latent_channels" not in vae:
         raise _field_error(path, "base_vae.latent_channels", "missing", "an integer from 1 to 256")
@@ -262,12 +265,21 @@ def bounded_davae_config(path: Any, config: Any) -> dict[str, Any]:
     order = config.get("decoder_input_order", "base_detail")
     if order not in ("base_detail", "detail_base"):
         raise _field_error(path, "decoder_input_order", order, "'base_detail' or 'detail_base'")
+    space = config.get("decoder_base_space", "normalized")
+    if space not in ("normalized", "raw"):
+        raise _field_error(path, "decoder_base_space", space, "'normalized' or 'raw'")
     features, base = vae["block_out_channels"][-1], vae["latent_channels"]
-    if (2 * detail) % 4 or (4 * features) % (2 * detail):
-        raise _field_error(path, "detail_channels", detail, f"an even number whose double divides 4 x {features} trunk channels")
+    if detail % 2:  # 2D moments, pixel-unshuffled by 2 from the detail conv
+        raise _field_error(path, "detail_channels", detail, "an even number")
     if (4 * features) % (base + detail):
         raise _field_error(path, "base_vae.latent_channels", base, f"a count that with {detail} detail channels divides 4 x {features}")
-    return {"base_vae": vae, "detail_channels": detail, "base_name": base_name, "decoder_input_order": order}
+    for name in ("latents_mean", "latents_std"):
+        values = vae.get(name)
+        if values is not None and (len(values) != base or None in values or (name == "latents_std" and min(values) <= 0)):
+            kind = "positive numbers" if name == "latents_std" else "numbers"
+            raise _field_error(path, f"base_vae.{name}", values, f"null or {base} {kind} (one per base channel)")
+    return {"base_vae": vae, "detail_channels": detail, "base_name": base_name, "decoder_input_order": order,
+            "decoder_base_space": space}
 
 
 # ------------------------------------------------------------------ shapes on the meta device

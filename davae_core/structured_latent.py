@@ -9,7 +9,8 @@ Two spaces matter:
 * *raw*: what the autoencoders produce (base: the SD3 VAE's posterior mean, detail: the
   detail encoder's posterior mean);
 * *normalised*: what a diffusion model sees.  Base channels use the base VAE's own
-  ``(z - shift) * scale``; detail channels use a per-channel affine ``(z_d - mean) / std``
+  ``(z - shift) * scale`` (or, for a VA-VAE base, ``(z - mean) / std * scale`` per channel);
+  detail channels use a per-channel affine ``(z_d - mean) / std``
   that is identity while the tokenizer trains and is measured on data afterwards.
 
 :class:`LatentNormalizer` is the single place where one becomes the other.
@@ -18,7 +19,7 @@ Two spaces matter:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from einops import reduce
@@ -121,19 +122,43 @@ def alignment_loss(detail: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return torch.mean((grouped_mean_proj(detail, base.shape[1]) - base.detach()) ** 2)
 
 
+def _channel_vector(values: Sequence[float] | None, channels: int, name: str) -> torch.Tensor | None:
+    if values is None:
+        return None
+    t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if t.numel() != channels or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must hold {channels} finite numbers (one per base channel), got {t.numel()}")
+    return t
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(like).view(1, -1, 1, 1)
+
+
 class LatentNormalizer(nn.Module):
     """raw <-> normalised for both halves of a structured latent.
 
     The detail affine is stored as buffers so that it travels in the checkpoint.
     """
 
-    def __init__(self, layout: LatentLayout, base_shift: float = SD3_SHIFT, base_scale: float = SD3_SCALE):
+    def __init__(
+        self, layout: LatentLayout, base_shift: float = SD3_SHIFT, base_scale: float = SD3_SCALE,
+        base_mean: Sequence[float] | None = None, base_std: Sequence[float] | None = None,
+    ):
         super().__init__()
         self.layout = layout
         self.base_shift = float(base_shift)
         self.base_scale = float(base_scale)
         self.register_buffer("detail_mean", torch.zeros(layout.detail_channels))
         self.register_buffer("detail_std", torch.ones(layout.detail_channels))
+        # Per-channel base statistics (VA-VAE's latents_stats.pt) replace the scalar shift; they come
+        # from the config, so they stay out of the state dict (files without them are unchanged).
+        self.register_buffer("base_mean", _channel_vector(base_mean, layout.base_channels, "base_mean"), persistent=False)
+        self.register_buffer("base_std", _channel_vector(base_std, layout.base_channels, "base_std"), persistent=False)
+        if (self.base_mean is None) != (self.base_std is None):
+            raise ValueError("base_mean and base_std go together: give both or neither")
+        if self.base_std is not None and not bool((self.base_std > 0).all()):
+            raise ValueError("base_std must be positive in every channel")
 
     def _affine(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.detail_mean.to(like).view(1, -1, 1, 1)
@@ -141,9 +166,13 @@ class LatentNormalizer(nn.Module):
         return mean, std
 
     def normalize_base(self, z: torch.Tensor) -> torch.Tensor:
+        if self.base_mean is not None:
+            return (z - _per_channel(self.base_mean, z)) / _per_channel(self.base_std, z) * self.base_scale
         return (z - self.base_shift) * self.base_scale
 
     def denormalize_base(self, z: torch.Tensor) -> torch.Tensor:
+        if self.base_mean is not None:
+            return z / self.base_scale * _per_channel(self.base_std, z) + _per_channel(self.base_mean, z)
         return z / self.base_scale + self.base_shift
 
     def normalize_detail(self, z_d: torch.Tensor) -> torch.Tensor:

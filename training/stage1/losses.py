@@ -34,7 +34,12 @@ class TokenizerLossConfig:
     lpips_net: str = "vgg"  # backbone for the real LPIPS: "vgg" | "alex" | "squeeze"
     lpips_allow_fallback: bool = True  # False: refuse to train without real LPIPS weights
     kl_weight: float = 1e-7
+    # "sum": KL summed over latent elements, mean over the batch; "mean": mean over every element
+    # (the authors' ImageNet code, pp_style), 1/(D*h*w) of the former
+    kl_reduction: str = "sum"
     align_weight: float = 1.0
+    # the authors' ImageNet recipe: align_weight times |grad nll| / |grad align| at the detail down conv
+    align_adaptive: bool = False
     gan_weight: float = 0.0  # 0 disables the discriminator entirely
     # optimizer step from which D trains and the adversarial term counts: a random discriminator against
     # a pretrained decoder hurts early (the authors' ImageNet recipe starts at 5001)
@@ -57,6 +62,8 @@ class TokenizerLossConfig:
             raise ValueError(f"loss.gan_start_step must be >= 0, got {self.gan_start_step}")
         if self.disc_norm not in ("group", "batch", "none"):
             raise ValueError(f"loss.disc_norm must be group, batch or none, got {self.disc_norm!r}")
+        if self.kl_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss.kl_reduction must be 'sum' or 'mean', got {self.kl_reduction!r}")
 
     @property
     def uses_gan(self) -> bool:
@@ -217,17 +224,32 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
+def gradient_norm_ratio(reference: torch.Tensor, loss: torch.Tensor, layer: torch.Tensor, max_ratio: float) -> torch.Tensor:
+    """``|grad reference| / (|grad loss| + 1e-4)`` at ``layer``, clamped to ``[0, max_ratio]``, detached."""
+    ref_grad = torch.autograd.grad(reference, layer, retain_graph=True)[0]
+    loss_grad = torch.autograd.grad(loss, layer, retain_graph=True)[0]
+    return (ref_grad.norm() / (loss_grad.norm() + 1e-4)).clamp(0.0, max_ratio).detach()
+
+
 def adaptive_gan_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
     """``|grad nll| / |grad g_loss|`` at the decoder's last layer: keeps the adversarial push in scale."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    return gradient_norm_ratio(nll, g_loss, last_layer, max_weight)
+
+
+def adaptive_alignment_weight(
+    nll: torch.Tensor, align: torch.Tensor, detail_layer: torch.Tensor, scale: float = 0.5, max_weight: float = 1e8,
+) -> torch.Tensor:
+    """``scale * |grad nll| / |grad align|`` at the detail down conv (the authors' ImageNet recipe, scale 0.5):
+    the alignment pulls on the detail encoder as hard as reconstruction does, whatever their scales."""
+    return scale * gradient_norm_ratio(nll, align, detail_layer, max_weight)
 
 
 # ---------------------------------------------------------------------------- the objective
-def kl_loss(posterior: Any) -> torch.Tensor:
-    """KL of the detail posterior to N(0, I), summed over latent elements, mean over the batch."""
-    return posterior.kl().mean()
+def kl_loss(posterior: Any, reduction: str = "sum") -> torch.Tensor:
+    """KL of the detail posterior to N(0, I), summed over latent elements (``"mean"``: averaged
+    over them), mean over the batch."""
+    kl = posterior.kl().mean()
+    return kl / posterior.mean[0].numel() if reduction == "mean" else kl
 
 
 class TokenizerLoss(nn.Module):
@@ -246,8 +268,12 @@ class TokenizerLoss(nn.Module):
     def generator_loss(
         self, outputs: dict[str, Any], target: torch.Tensor, step: int,
         discriminator: nn.Module | None = None, last_layer: torch.Tensor | None = None,
+        detail_layer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``outputs`` from ``DAVAE.forward``; ``target`` in [-1, 1]. Returns (total, detached logs)."""
+        """``outputs`` from ``DAVAE.forward``; ``target`` in [-1, 1]. Returns (total, detached logs).
+
+        ``detail_layer`` (``model.detail_down.conv.weight``) is where ``align_adaptive`` measures gradients.
+        """
         cfg = self.config
         rec = outputs["reconstruction"]
         logs: dict[str, torch.Tensor] = {}
@@ -260,11 +286,17 @@ class TokenizerLoss(nn.Module):
             lp = self.perceptual(rec, target)
             nll = nll + cfg.lpips_weight * lp
             logs["lpips"] = lp
-        kl = kl_loss(outputs["posterior"])
+        kl = kl_loss(outputs["posterior"], cfg.kl_reduction)
         align = alignment_loss(outputs["detail"].float(), outputs["base"].float())
-        total = nll + cfg.kl_weight * kl + cfg.align_weight * align
+        align_weight = torch.tensor(cfg.align_weight, device=rec.device)
+        if cfg.align_adaptive and cfg.align_weight > 0 and torch.is_grad_enabled():
+            if detail_layer is None:
+                raise ValueError("loss.align_adaptive needs detail_layer= (the detail down conv's weight) to measure gradients at")
+            align_weight = adaptive_alignment_weight(nll, align, detail_layer, cfg.align_weight)
+        total = nll + cfg.kl_weight * kl + align_weight * align
         logs["kl"] = kl
         logs["align"] = align
+        logs["align_weight"] = align_weight
         if discriminator is not None and self.gan_active(step):
             g = hinge_g_loss(discriminator(rec))
             weight = torch.tensor(cfg.gan_weight, device=rec.device)
