@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from davae_core.atomic_files import write_json_atomic
 from davae_core.dtypes import dtype_from_name
@@ -48,7 +47,7 @@ from ..common import (
     setup_logging,
     write_run_config,
 )
-from ..config import add_common_arguments, load_config
+from ..config import add_common_arguments, load_config, log_global_batch
 from ..run_safety import NonFiniteGuard, OutputLock
 from ..data.buckets import BucketBatchSampler
 from ..data.images import ResumableSampler
@@ -56,7 +55,7 @@ from ..data.loader import make_training_loader
 from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
 from .config import AdapterTrainConfig, load_davae_for_training
 from .latent_grid import LatentGrid, transformer_patch_size
-from ..optimizers import make_optimizer
+from ..optimizers import make_lr_scheduler, make_optimizer
 from .model import build_adapter_model, check_base_dtype, make_ema, trained_parameters, unwrap
 from .objective import drop_prompts, flow_matching_loss
 from .run_file import EMA_FILE, TRAINED_FILE, load_trained, run_info, save_trained, stock_head_state
@@ -217,9 +216,8 @@ def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bo
                 len(params), sum(p.numel() for p in params.values()) / 1e6, cfg.model.lora_rank, cfg.model.lora_alpha,
                 ", ".join(cfg.model.lora_targets))
     optimizer = make_optimizer(params.values(), loop)
-    # accelerate steps a prepared scheduler once per process per optimizer step
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                 num_warmup_steps=loop.lr_warmup_steps * accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, loop, accelerator.num_processes)
+    log_global_batch(loop, accelerator.num_processes)
     ema = make_ema(model, cfg.model.ema_decay)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
