@@ -370,6 +370,50 @@ def test_stage2_new_learning_rate_applied_nonfinite_stop_and_skip(stage2_run, sd
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_later_phase_continues_a_stage2_run_on_other_data(stage2_run, sd35_folder, fixtures_dir, images, tmp_path):
+    """The realism phase (sd35m_1024_realism.yaml): train.continue_from starts a new run where a finished
+    one ended (weights, EMA, optimizer, step) and reads its own data from the start; a plain resume
+    with other data is refused, and the new run resumes its own checkpoints after that."""
+    import re
+
+    import davae_training.stage2.trainer as ta
+    from davae_training.common import plan_resume
+    from davae_training.data.synthetic import main as synthesise
+    from davae_training.run_safety import ResumeConfigError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse in a storm\na bowl of cherries\n")
+    flux = tmp_path / "flux_images"
+    synthesise(["--generator", "standin", "--prompts", str(prompts), "--out", str(flux), "--resolution", "96", "--per-prompt", "2"])
+    phase = ("train.max_steps=6", f"data.images.sources=[{flux}]")
+
+    with pytest.raises(ResumeConfigError, match=re.escape("data.images.sources")):  # the old advice: --resume + new data
+        plan_resume("latest", _cfg(copy_run(stage2_run, tmp_path / "plain"), sd35_folder, fixtures_dir, images, *phase))
+
+    # at the earlier phase's last step: nothing to train, the weights are the checkpoint's
+    same = tmp_path / "same"
+    try:
+        ta.train(_cfg(same, sd35_folder, fixtures_dir, images, f"train.continue_from={stage2_run}", f"data.images.sources=[{flux}]"))
+    finally:
+        reset_accelerate()
+    start = load_file(str(stage2_run / "checkpoints" / "checkpoint-00000004" / "adapter_trained.safetensors"))
+    assert all(torch.equal(start[k], v) for k, v in _final(same)[0].items())
+
+    out = tmp_path / "realism"
+    try:
+        summary = ta.train(_cfg(out, sd35_folder, fixtures_dir, images, f"train.continue_from={stage2_run}", *phase))
+    finally:
+        reset_accelerate()
+    assert summary["step"] == 6
+    state = json.loads((out / "checkpoints" / "checkpoint-00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["micro_batches"] == 2  # this phase's data from its start: 2 micro-batches
+    assert str(flux) in (out / "data_index.json").read_text() and str(images) not in (out / "data_index.json").read_text()
+    assert not all(torch.equal(start[k], v) for k, v in _final(out)[0].items())
+    # interrupted later, it resumes its own checkpoints, not the earlier phase's
+    plan = plan_resume("latest", _cfg(out, sd35_folder, fixtures_dir, images, f"train.continue_from={stage2_run}", *phase))
+    assert plan.path.parent.parent == out and not plan.new_phase
+
+
 def test_stage2_export_refuses_nonfinite_weights(sd35_folder, tmp_path):
     from davae_training.run_safety import NonFiniteError
     from davae_training.stage2.export import export_for_comfy
@@ -406,7 +450,7 @@ def test_authors_objective_config_runs_a_tiny_width_training(tmp_path, sd35_fold
     authors = REPO / "training" / "configs" / "sd35m_1024_authors.yaml"
     paper = load_config(AdapterTrainConfig, REPO / "training" / "configs" / "sd35m_1024.yaml", [])
     args = _overrides(tmp_path / "run", sd35_folder, fixtures_dir, images, "train.max_steps=2", "train.checkpoint_every=0",
-                      "train.batch_size=2", "train.mixed_precision=no", "train.dataloader_num_workers=0",
+                      "train.batch_size=2", "train.mixed_precision=no", "model.base_dtype=float32", "train.dataloader_num_workers=0",
                       "train.gradient_checkpointing=false", "text.dtype=float32", "data.images.resize_short_side=false",
                       "export.enabled=false", "sampling.resolution=64", "sampling.steps=2")
     cfg = load_config(AdapterTrainConfig, authors, args[1::2])
