@@ -226,7 +226,7 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
     from davae_training.config import load_config
     from davae_training.stage2.config import AdapterTrainConfig
     from davae_training.data.images import ImageDataConfig, ImageDataset, build_index
-    from davae_training.stage2.text_conditioning import SD3TextConditioner
+    from davae_training.stage2.text_conditioning import SD3TextConditioner, text_settings
     from davae_training.stage2.latent_grid import LatentGrid
 
     images_cfg = ImageDataConfig(sources=[str(images)], resolution=64, crop="center")
@@ -259,9 +259,17 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
 
     monkeypatch.setattr(ta, "load_davae_for_training", forbidden)
     monkeypatch.setattr(ta, "build_text_conditioner", forbidden)
+    # the cache serves the text settings it was made with (SD3's encoders, T5 length 16, float32) and no other
     args = _overrides(tmp_path / "run", sd35_folder, fixtures_dir, images, "train.max_steps=2", "train.checkpoint_every=0",
-                      f"data.cache_dir={cache}", "tokenizer.path=''", "export.enabled=false")
+                      f"data.cache_dir={cache}", "tokenizer.path=''", "export.enabled=false", "text.kind=sd3",
+                      "text.max_sequence_length=16", "text.dtype=float32", "data.cache_dtype=float32")
     cfg = load_config(AdapterTrainConfig, TINY_CONFIG, args[1::2])
+    assert text.settings == text_settings(cfg.text, cfg.model.pretrained)
+    longer = load_config(AdapterTrainConfig, TINY_CONFIG, [*args[1::2], "text.max_sequence_length=32"])
+    with pytest.raises(ValueError, match=r"built with text.max_sequence_length=16, but the config asks for "
+                                         r"text.max_sequence_length=32. Rebuild it .*python -m davae_training.stage2.caption_cache"):
+        ta.train(longer)
+    reset_accelerate()
     try:
         summary = ta.train(cfg)
     finally:  # accelerate keeps process-wide state; leave none behind for other tests

@@ -52,7 +52,7 @@ from ..run_safety import NonFiniteGuard, OutputLock
 from ..data.buckets import BucketBatchSampler
 from ..data.images import ResumableSampler
 from ..data.loader import make_training_loader
-from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
+from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached, expected_encoding
 from .config import AdapterTrainConfig, load_davae_for_training
 from .latent_grid import LatentGrid, transformer_patch_size
 from ..optimizers import make_lr_scheduler, make_optimizer
@@ -161,12 +161,10 @@ def open_cache(cfg: AdapterTrainConfig, patch_size: int) -> CachedConditioningDa
         if cfg.data.cache_dir:
             logger.warning("data.cache_dir %s is not complete: encoding images and captions every step", cfg.data.cache_dir)
         return None
-    dataset = CachedConditioningDataset(cfg.data.cache_dir, expect=cfg.data.images, patch_size=patch_size)
+    dataset = CachedConditioningDataset(cfg.data.cache_dir, expect=cfg.data.images, patch_size=patch_size,
+                                        encoding=expected_encoding(cfg))  # built for this config's text and DA-VAE
     logger.info("training from the cache %s (%d samples in %d bucket(s), text: %s)", cfg.data.cache_dir, len(dataset),
                 len(dataset.buckets_used), dataset.text_encoder)
-    if dataset.text_encoder != cfg.text.kind:
-        logger.warning("the cache's text conditioning is %r, the config's text.kind is %r; training uses the cache's",
-                       dataset.text_encoder, cfg.text.kind)
     return dataset
 
 
