@@ -48,10 +48,10 @@ def sd35_folder(fixtures_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(sd35_folder, tmp_path_factory):
     """The synthetic-data command's output: the base pipeline's images for PROMPTS, captions kept."""
-    from davae_training.data.synthetic import SD3PipelineGenerator, build_synthetic_dataset
+    from davae_training.data.synthetic import PipelineGenerator, build_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
-    generator = SD3PipelineGenerator(sd35_folder, resolution=96, steps=2, guidance=2.0, device="cpu", dtype=torch.float32)
+    generator = PipelineGenerator(sd35_folder, resolution=96, steps=2, guidance=2.0, device="cpu", dtype=torch.float32)
     assert build_synthetic_dataset(PROMPTS, out, generator, per_prompt=2, seed=0, batch_size=4, settings=generator.settings) == 8
     return out
 
@@ -217,6 +217,51 @@ def test_synthetic_dataset_keeps_captions_and_resumes(images, tmp_path):
     assert sorted(p.name for p in (out / "00000").glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
     assert (out / "00000" / "000000.png").stat().st_mtime_ns == before
 
+
+
+def _write_tiny_flux_pipeline(folder: Path) -> Path:
+    """A diffusers FluxPipeline folder with random tiny components and offline tokenizers (no FLUX weights here)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from davae_training.stage2.text_conditioning import _byte_level_clip_tokenizer, _character_t5_tokenizer
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_tok, t5_tok = _byte_level_clip_tokenizer(Path(tmp) / "clip"), _character_t5_tokenizer(Path(tmp) / "t5")
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=clip_tok.bos_token_id,
+                                            eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id))
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+                                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                            block_out_channels=[8, 16], latent_channels=4, norm_num_groups=4, shift_factor=0.0, scaling_factor=1.0,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                     tokenizer_2=t5_tok, transformer=transformer).save_pretrained(str(folder))
+    return folder
+
+
+def test_realism_phase_images_come_from_a_flux_pipeline_folder(tmp_path):
+    """python -m davae_training.data.synthetic --generator flux: the command sd35m_1024_realism.yaml names."""
+    from PIL import Image
+
+    from davae_training.data.synthetic import main as synthesise
+
+    flux = _write_tiny_flux_pipeline(tmp_path / "flux")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse in a storm\na bowl of cherries\n")
+    out = tmp_path / "flux_realism"
+    synthesise(["--generator", "flux", "--pretrained", str(flux), "--prompts", str(prompts), "--out", str(out), "--resolution", "32",
+                "--steps", "2", "--guidance", "3.5", "--dtype", "float32"])
+    pngs = sorted((out / "00000").glob("*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (32, 32) for p in pngs)
+    assert (out / "00000" / "000001.txt").read_text() == "a bowl of cherries"
+    assert json.loads((out / "00000" / "000000.json").read_text())["pipeline"] == "FluxPipeline"
 
 def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, sd35_folder, fixtures_dir, images, monkeypatch):
     import davae_training.stage2.trainer as ta
