@@ -212,3 +212,12 @@ def test_a_cosine_schedule_refuses_a_new_max_steps_unless_its_horizon_is_fixed()
     assert check_resume_config(fixed, {"train": {**fixed["train"], "max_steps": 200}}, False, "ckpt") == {"train.max_steps": (100, 200)}
     constant = {"train": {"max_steps": 100, "lr_schedule": "constant", "lr_decay_steps": None}}
     assert check_resume_config(constant, {"train": {**constant["train"], "max_steps": 200}}, False, "ckpt")
+
+
+def test_a_checkpoint_from_before_the_new_loop_keys_resumes_with_their_defaults():
+    now = yaml.safe_load(yaml.safe_dump(config_to_dict(_stage2("sd35m_1024", *LAUNCH))))
+    older = {**now, "train": {k: v for k, v in now["train"].items()
+                              if k not in ("lr_schedule", "lr_min", "lr_decay_steps", "weight_decay_on_1d", "continue_from")}}
+    assert check_resume_config(older, now, False, "ckpt") == {}
+    with pytest.raises(ResumeConfigError, match="train.lr_schedule: 'constant' -> 'cosine'"):
+        check_resume_config(older, {**now, "train": {**now["train"], "lr_schedule": "cosine", "lr_decay_steps": 20000}}, False, "ckpt")

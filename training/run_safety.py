@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, TrainLoopConfig
 
 logger = logging.getLogger("davae_training")
 
@@ -141,6 +142,8 @@ _DATA_SOURCE_FIELDS = ("sources", "format", "max_images", "verify_images", "hf_i
                        "hf_split", "streaming", "shuffle_buffer")
 PHASE_DATA_KEYS = frozenset({f"data.{f}" for f in _DATA_SOURCE_FIELDS} | {f"data.images.{f}" for f in _DATA_SOURCE_FIELDS}
                             | {"data.cache_dir", "train.continue_from"})
+# a checkpoint written before a train.* key existed ran with its default
+_LOOP_DEFAULTS = {f"train.{f.name}": f.default for f in dataclasses.fields(TrainLoopConfig) if f.default is not dataclasses.MISSING}
 
 
 def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -161,6 +164,9 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], change_l
     """
     old, new = flatten_config(saved), flatten_config(current)
     missing = object()
+    for key, default in _LOOP_DEFAULTS.items():
+        if key not in old and key in new:
+            old[key] = default
     diff = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)}
     show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
     allowed = SAFE_KEYS | PHASE_DATA_KEYS if new_phase else SAFE_KEYS
