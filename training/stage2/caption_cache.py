@@ -174,7 +174,7 @@ class CachedConditioningDataset(Dataset):
         version = index.get("version")
         if version != CACHE_VERSION:
             raise ValueError(
-                f"{self.root}: cache version {version}, this code reads version {CACHE_VERSION} (shards per bucket, "
+                f"{self.root}: cache version {version}, this code reads version {CACHE_VERSION} (shards per bucket, the text and DA-VAE "
                 f"settings recorded, buckets on the transformer's patch grid); rebuild it with {BUILD_COMMAND} into another data.cache_dir (or after deleting {self.root})"
             )
         self.settings: dict[str, Any] = index["settings"]
