@@ -40,8 +40,8 @@ GPUS: dict[str, dict[str, float]] = {
 }
 DEFAULT_MFU = 0.40  # a typical sustained share of peak for DiT training/inference in bf16
 
-# Processes each shipped config is written for (its header comment): global batch = batch x accumulation x processes.
-PROCESSES = {"sd35m_1024": 8, "sd35m_2048": 8, "sd35l_1024": 8, "tokenizer_sd3_paper": 8, "tokenizer_sd3_authors": 8}
+# Process counts the batch table shows: train.batch_size is per process, so the global batch grows with them.
+PROCESS_COUNTS = (1, 2, 4, 8)
 
 # Frozen text encoders of SD3 (parameters), held in memory when stage 2 encodes captions every step.
 TEXT_ENCODER_PARAMS = {"t5xxl": 4.76e9, "clip_g": 0.695e9, "clip_l": 0.123e9}
@@ -62,6 +62,53 @@ SAMPLING = {
 }
 TEXT_TOKENS = 333  # 77 CLIP + 256 T5, diffusers' SD3 pipeline
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+
+
+# ---------------------------------------------------------------------------- batch and LoRA
+def batch_plan(loop) -> dict[str, Any]:
+    """The global batch a config gives per process count, the processes its recipe batch is written for
+    (``train.recipe_global_batch``), and what one GPU sets to reach that batch."""
+    from davae_training.config import global_batch, reach_recipe_batch
+
+    target = loop.recipe_global_batch
+    per_process = loop.batch_size * loop.gradient_accumulation_steps
+    return {
+        "batch_size_per_process": loop.batch_size, "gradient_accumulation_steps": loop.gradient_accumulation_steps,
+        "recipe_global_batch": target,
+        "written_for_processes": target // per_process if target and target % per_process == 0 else 1,
+        "global_batch_by_processes": {n: global_batch(loop, n) for n in PROCESS_COUNTS},
+        "one_gpu_reaches_recipe_with": reach_recipe_batch(loop, 1, target) if target else None,
+    }
+
+
+def lora_plan(model, targets) -> dict[str, Any]:
+    """Which LoRA target set a config names, and the layers and values it adapts."""
+    from davae_core.mmdit_keys import SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS
+    from davae_training.stage2.model import lora_wrapped_names
+
+    label = {frozenset(SD3_LORA_TARGETS_ALL_BLOCKS): "paper: every block linear",
+             frozenset(SD3_LORA_TARGETS): "authors' list"}.get(frozenset(targets), "custom")
+    return {"lora_targets": label, "lora_layers": len(lora_wrapped_names(model)),
+            "lora_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)}
+
+
+def phase_steps(cfg, configs_dir: Path = CONFIGS_DIR) -> int:
+    """Optimizer steps a config trains: a later phase (train.continue_from) starts at the max_steps of the
+    shipped stage-2 config whose output_dir it continues."""
+    from davae_training.config import load_config
+    from davae_training.preflight import detect_stage
+    from davae_training.stage2.config import AdapterTrainConfig
+
+    loop = cfg.train
+    if not loop.continue_from:
+        return loop.max_steps
+    for path in sorted(configs_dir.glob("*.yaml")):
+        if detect_stage(path) != "stage2":
+            continue
+        earlier = load_config(AdapterTrainConfig, path).train
+        if Path(earlier.output_dir) == Path(loop.continue_from) and not earlier.continue_from:
+            return loop.max_steps - earlier.max_steps
+    return loop.max_steps
 
 
 # ---------------------------------------------------------------------------- counting
@@ -136,6 +183,7 @@ def stage2_plan(name: str, cfg) -> dict[str, Any]:
         _, block_saved = count(lambda: sum(o.float().sum() for o in block(h, e, temb) if o is not None).backward())
     trained = sum(p.numel() for p in trained_parameters(model).values())
     total = sum(p.numel() for p in model.parameters())
+    lora = lora_plan(model, cfg.model.lora_targets)
     state_bytes = optimizer_state_bytes_per_value(loop.optimizer)
     memory = {
         "frozen_weights": (total - trained) * DTYPE_BYTES[cfg.model.base_dtype],
@@ -157,8 +205,8 @@ def stage2_plan(name: str, cfg) -> dict[str, Any]:
         "stage": "stage2", "architecture": cfg.model.architecture, "resolution": cfg.data.images.resolution,
         "image_tokens": (side // 2) ** 2, "text_tokens": tokens, "params_total": total, "params_trained": trained,
         "train_flops_per_sample": per_sample, "transformer_flops_per_sample": flops, "encode_flops_per_sample": encode_flops,
-        "micro_batch": micro, "gradient_accumulation_steps": loop.gradient_accumulation_steps,
-        "max_steps": loop.max_steps, "optimizer": loop.optimizer, "base_dtype": cfg.model.base_dtype,
+        "micro_batch": micro, "gradient_accumulation_steps": loop.gradient_accumulation_steps, **lora,
+        "max_steps": phase_steps(cfg), "optimizer": loop.optimizer, "base_dtype": cfg.model.base_dtype,
         "gradient_checkpointing": loop.gradient_checkpointing, "memory_bytes": memory,
     }
 
@@ -258,6 +306,7 @@ def sampling_plan() -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- projections
 def project(entry: dict[str, Any], processes: int, mfu: float) -> None:
+    """GPU time at ``processes`` processes (those the recipe batch is written for)."""
     per_step_samples = entry["micro_batch"] * entry["gradient_accumulation_steps"] * processes
     entry["processes"] = processes
     entry["global_batch"] = per_step_samples
@@ -292,11 +341,10 @@ def build_plan(mfu: float = DEFAULT_MFU) -> dict[str, Any]:
         from davae_training.preflight import detect_stage
 
         print(f"plan: {name}", flush=True)
-        if detect_stage(path) == "stage2":
-            entry = stage2_plan(name, load_config(AdapterTrainConfig, path))
-        else:
-            entry = stage1_plan(name, load_config(TokenizerTrainConfig, path))
-        project(entry, PROCESSES.get(name, 1), mfu)
+        cfg = load_config(AdapterTrainConfig if detect_stage(path) == "stage2" else TokenizerTrainConfig, path)
+        entry = stage2_plan(name, cfg) if detect_stage(path) == "stage2" else stage1_plan(name, cfg)
+        entry["batch"] = batch_plan(cfg.train)
+        project(entry, entry["batch"]["written_for_processes"], mfu)
         configs[name] = entry
     print("plan: sampling variants", flush=True)
     sampling = sampling_plan()
@@ -340,6 +388,21 @@ def table(plan: dict[str, Any]) -> str:
                      f"{e['train_flops_per_sample'] / 1e12:.2f} | {e['global_batch']} x {e['max_steps']} | "
                      f"{_g(e['memory_bytes']['total_estimate'])} | {g['H100 80GB']['gpu_days_total']:.1f} | "
                      f"{g['A100 80GB']['gpu_days_total']:.1f} | {g['RTX 4090 24GB']['gpu_days_total']:.1f} | {fits} |")
+    counts = " / ".join(str(n) for n in PROCESS_COUNTS)
+    lines += ["", f"`train.batch_size` is per process: the global batch is batch x accumulation x processes. GPU-days above "
+              "are at the processes the recipe batch is written for; one GPU gets there by accumulation.", "",
+              f"| config | batch per process x accumulation | global batch on {counts} processes | recipe batch (processes) | one GPU: |",
+              "|---|---|---|---|---|"]
+    for name, e in plan["configs"].items():
+        b = e["batch"]
+        by = " / ".join(str(b["global_batch_by_processes"][n]) for n in PROCESS_COUNTS)
+        recipe = f"{b['recipe_global_batch']} ({b['written_for_processes']})" if b["recipe_global_batch"] else "-"
+        lines.append(f"| {name} | {b['batch_size_per_process']} x {b['gradient_accumulation_steps']} | {by} | {recipe} | "
+                     f"{'`' + b['one_gpu_reaches_recipe_with'] + '`' if b['one_gpu_reaches_recipe_with'] else '-'} |")
+    stage2 = {n: e for n, e in plan["configs"].items() if e["stage"] == "stage2"}
+    lines += ["", "| stage-2 config | LoRA targets | LoRA layers | LoRA values (M) |", "|---|---|---|---|"]
+    for name, e in stage2.items():
+        lines.append(f"| {name} | {e['lora_targets']} | {e['lora_layers']} | {e['lora_params'] / 1e6:.0f} |")
     lines += ["", "| sampling (SD3.5M, batch 1, 333 text tokens) | image tokens | TFLOP per call | H100 calls/s |", "|---|---|---|---|"]
     for name, e in plan["sampling"].items():
         lines.append(f"| {name} | {e['image_tokens']} | {e['forward_flops'] / 1e12:.2f} | {e['h100_calls_per_s']:.1f} |")

@@ -13,7 +13,10 @@ run on these.  Every file is what the real thing would be, only narrow:
                                    (``model.diffusion_model.*``) as ComfyUI loads it
 ``davae/davae_tiny.safetensors``   our DA-VAE, initialised from ``sd3_vae``
 ``davae/da_heads_tiny.safetensors``  our DA heads for ``sd3_transformer`` (small random)
-``loras/lora_tiny.safetensors``    a PEFT LoRA with ``transformer.`` keys (stock loaders)
+``loras/lora_tiny.safetensors``    a PEFT LoRA with ``transformer.`` keys (stock loaders), on
+                                   the authors' targets
+``loras/lora_tiny_all_blocks.safetensors``  the same on every block linear (the paper's
+                                   targets: context stream and ``ff.net.0.proj`` too)
 ``parity/``                          the DA-VAE in the authors' layout, and inputs with this
                                    code's outputs, for the ComfyUI-built DA-VAE to match
 ``manifest.json``                  what was written, with shapes
@@ -35,7 +38,7 @@ from safetensors.torch import save_file
 from .checkpoint import save_davae, save_heads
 from .davae_model import DAVAE, tiny_vae_config
 from .heads import DAHeads, heads_config_for_diffusers
-from .mmdit_keys import SD3_LORA_TARGETS, diffusers_to_mmdit
+from .mmdit_keys import SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS, diffusers_to_mmdit
 
 # SD3.5-Medium's shape rules at toy width: hidden = 64 * depth (ComfyUI detects depth that way).
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -81,12 +84,13 @@ def random_heads(transformer: SD3Transformer2DModel, seed: int = 0, std: float =
     return heads
 
 
-def lora_state_dict(transformer: SD3Transformer2DModel, rank: int = 4, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
-    """A LoRA on the stage-2 targets, as ComfyUI's loaders read it (``transformer.`` prefix, alpha = rank)."""
+def lora_state_dict(transformer: SD3Transformer2DModel, rank: int = 4, seed: int = 0, std: float = 0.02,
+                    targets: tuple[str, ...] = SD3_LORA_TARGETS) -> dict[str, torch.Tensor]:
+    """A LoRA on stage-2 targets, as ComfyUI's loaders read it (``transformer.`` prefix, alpha = rank)."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     model = copy.deepcopy(transformer)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(SD3_LORA_TARGETS), init_lora_weights="gaussian")
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights="gaussian")
     inject_adapter_in_model(config, model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -174,10 +178,11 @@ def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     save_heads(heads, out / "davae" / "da_heads_tiny.safetensors", info={"fixture": True, "seed": seed})
     manifest["files"]["davae/da_heads_tiny.safetensors"] = heads.config.to_dict()
 
-    lora = lora_state_dict(transformer, seed=seed)
     (out / "loras").mkdir(exist_ok=True)
-    save_file(lora, str(out / "loras" / "lora_tiny.safetensors"))
-    manifest["files"]["loras/lora_tiny.safetensors"] = {"tensors": len(lora), "targets": list(SD3_LORA_TARGETS)}
+    for name, targets in (("lora_tiny", SD3_LORA_TARGETS), ("lora_tiny_all_blocks", SD3_LORA_TARGETS_ALL_BLOCKS)):
+        lora = lora_state_dict(transformer, seed=seed, targets=targets)
+        save_file(lora, str(out / "loras" / f"{name}.safetensors"))
+        manifest["files"][f"loras/{name}.safetensors"] = {"tensors": len(lora), "targets": list(targets)}
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -28,15 +28,16 @@ def scheduled_flow_loss(
     """Eq. 13: ``(||u^ - u||^2 + w ||u^_d - u_d||^2) / (|B| + w |R|)``.
 
     ``|B|`` and ``|R|`` count the base and detail elements of the batch.  ``sample_weight``
-    (shape ``(B,)``, e.g. min-SNR) scales each sample's squared error.  Returns the loss and,
-    for logging, the plain mean-squared errors of both halves.
+    (shape ``(B,)``, e.g. min-SNR) scales each sample's squared error in the loss.  Returns the
+    loss and, for logging, the unweighted mean-squared errors of both halves (neither ``weight``
+    nor ``sample_weight``): the curves of the paper's Fig. S3.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    err = (pred.float() - target.float()) ** 2
-    if sample_weight is not None:
-        err = err * sample_weight.float().view(-1, *([1] * (err.ndim - 1)))
+    plain = (pred.float() - target.float()) ** 2
+    err = plain if sample_weight is None else plain * sample_weight.float().view(-1, *([1] * (plain.ndim - 1)))
     base, detail = err[:, :base_channels], err[:, base_channels:]
     denom = base.numel() + weight * detail.numel()
     loss = (base.sum() + weight * detail.sum()) / denom
-    return {"loss": loss, "base_mse": base.mean().detach(), "detail_mse": detail.mean().detach()}
+    return {"loss": loss, "base_mse": plain[:, :base_channels].mean().detach(),
+            "detail_mse": plain[:, base_channels:].mean().detach()}

@@ -12,9 +12,16 @@ import re
 
 import torch
 
-# The linears of every SD3 block (diffusers names) that the stage-2 LoRA wraps: attention
-# q/k/v/out, the MLP's output and the adaLN modulation (the authors' choice for SD3.5-M).
+# peft target_modules (diffusers names, matched by suffix) of the stage-2 LoRA.
+# The authors' list (their stage-2 config's target_modules): image-stream attention q/k/v/out (attn and, by
+# suffix, attn2), the image MLP's output and the image adaLN modulation.
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear")
+# The paper's reading ("all blocks in the DiT backbone, except for the patch embedder and the output
+# layer"): every linear layer of every transformer block, image and context streams.
+SD3_LORA_TARGETS_ALL_BLOCKS = SD3_LORA_TARGETS + (
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
+    "ff_context.net.0.proj", "ff_context.net.2", "norm1_context.linear",
+)
 
 # diffusers name -> MMDiT name, outside the blocks
 _TOP = {

@@ -112,3 +112,26 @@ def test_prompt_dropout_swaps_in_the_empty_prompt():
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="prediction"):
         FlowObjectiveConfig(prediction="epsilon")
+
+
+def test_logged_mse_is_unweighted_by_min_snr_and_ramp():
+    """Fig. S3 plots the unweighted diffusion loss of each half: no min-SNR weight, no w(n).
+    ``loss`` (what is optimised) keeps both weights."""
+    cfg = FlowObjectiveConfig(prediction="x0", min_snr_gamma=5.0, detail_warmup_steps=100, base_channels=16)
+    x0 = torch.randn(4, 32, 4, 4, dtype=torch.float64)
+    seen = {}
+
+    def model_fn(x_t, t):
+        seen["s"] = (t / 1000.0).double()
+        return _oracle(x0, 0.5, 1.0)(x_t, t)
+
+    out = flow_matching_loss(model_fn, x0, 25, cfg, torch.Generator().manual_seed(4))
+    s = seen["s"]
+    # x0_hat = x0 - s * offset: per-sample squared errors (0.5 s)^2 on base, (1.0 s)^2 on detail
+    assert out["base_mse"].item() == pytest.approx(((0.5 * s) ** 2).mean().item(), rel=1e-6)
+    assert out["detail_mse"].item() == pytest.approx(((1.0 * s) ** 2).mean().item(), rel=1e-6)
+    weight = ((1 - s) / s).clamp(max=5.0)
+    w = out["detail_weight"].item()
+    assert 0 < w < 1
+    expected = (((weight * (0.5 * s) ** 2).sum() + w * (weight * (1.0 * s) ** 2).sum()) / (4 * (1 + w))).item()
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)

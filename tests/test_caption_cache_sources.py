@@ -103,7 +103,8 @@ def _loader(cache, images: ImageDataConfig, grid: LatentGrid, batch_size=2, star
 
     cfg = AdapterTrainConfig()
     cfg.data = CaptionDataConfig(images=images, cache_dir=str(cache))
-    cfg.text.kind = "hashing_standin"
+    cfg.data.cache_dtype = "float32"  # what _cache_cfg builds, with the stand-in of the text fixture
+    cfg.text.kind, cfg.text.standin_tokens, cfg.text.standin_joint_attention_dim, cfg.text.standin_pooled_dim = "hashing_standin", 8, 64, 32
     cfg.train.batch_size, cfg.train.seed, cfg.train.dataloader_num_workers = batch_size, seed, 0
     dataset = open_cache(cfg, grid.patch_size)
     return build_dataloader(cfg, SimpleNamespace(process_index=0, num_processes=1), start, grid, dataset), dataset
@@ -127,7 +128,7 @@ def test_bucket_folder_cache_holds_each_sample_at_its_bucket_shape_and_skips_a_c
         build_cache(records, _cache_cfg(images, tmp_path / "cache"), davae.encode, text, grid=grid)
     assert "skipping corrupt sample 99" in caplog.text
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
-    assert index["version"] == 3 and index["skipped"] == {"corrupt": 1, "too_small": 0}
+    assert index["version"] == 4 and index["skipped"] == {"corrupt": 1, "too_small": 0}
     buckets = make_buckets(RES, grid=grid.pixels)
     assert [tuple(b) for b in index["buckets"]] == buckets
     data = CachedConditioningDataset(tmp_path / "cache", expect=images)
@@ -280,6 +281,50 @@ def test_cache_built_with_other_bucket_or_resolution_settings_is_refused_naming_
         build_cache(records[1:], _cache_cfg(square, tmp_path / "cache"), davae.encode, text, grid=grid)
 
 
+
+def test_cache_made_by_other_text_settings_dtype_or_davae_is_refused_naming_the_setting_and_the_command(tmp_path, fixtures_dir, grid):
+    """Every setting that changes a cached tensor is recorded; training from the cache refuses a config
+    that asks for another (here the stand-in's token count plays T5's length; the real T5 length is
+    checked in test_train_adapter.py)."""
+    import davae_training.stage2.caption_cache as cc
+    from davae_core.checkpoint import load_davae, save_davae
+    from davae_training.config import load_config
+    from davae_training.stage2.trainer import open_cache
+
+    rng = np.random.default_rng(11)
+    folder = write_png_folder(tmp_path / "imgs", [(128, 128)], 3, rng, captions=True)
+    sets = [f"train.output_dir={tmp_path / 'run'}", f"model.pretrained={fixtures_dir / 'sd3_transformer'}",
+            f"tokenizer.path={fixtures_dir / 'davae' / 'davae_tiny.safetensors'}", f"data.images.sources=[{folder}]",
+            "data.images.resolution=128", f"data.cache_dir={tmp_path / 'cache'}", "data.cache_dtype=float32"]
+    cc.main(["--config", str(TINY_CONFIG), "--device", "cpu", *[a for s in sets for a in ("--set", s)]])
+    recorded = json.loads((tmp_path / "cache" / "index.json").read_text())["encoding"]
+    assert recorded["text.standin_tokens"] == 8 and recorded["data.cache_dtype"] == "float32" and len(recorded["tokenizer.sha256"]) == 64
+
+    def cfg(*more):
+        return load_config(AdapterTrainConfig, TINY_CONFIG, [*sets, *more])
+
+    assert len(open_cache(cfg(), grid.patch_size)) == 3  # the config it was built for
+    assert len(open_cache(cfg("tokenizer.path=''"), grid.patch_size)) == 3  # no DA-VAE named: nothing to compare
+    other_davae = load_davae(fixtures_dir / "davae" / "davae_tiny.safetensors")
+    with torch.no_grad():
+        next(other_davae.parameters()).add_(0.01)
+    save_davae(other_davae, tmp_path / "other_davae.safetensors")
+    for more, built, wanted in [
+        (["text.standin_tokens=16"], "text.standin_tokens=8", "text.standin_tokens=16"),
+        (["data.cache_dtype=bfloat16"], 'data.cache_dtype="float32"', 'data.cache_dtype="bfloat16"'),
+        ([f"tokenizer.path={tmp_path / 'other_davae.safetensors'}"], "the DA-VAE file (tokenizer.path) with SHA-256",
+         "the DA-VAE file (tokenizer.path) with SHA-256"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            open_cache(cfg(*more), grid.patch_size)
+        msg = str(err.value)
+        assert f"built with {built}" in msg and f"asks for {wanted}" in msg, msg
+        assert "python -m davae_training.stage2.caption_cache --config CONFIG" in msg and "data.cache_dir" in msg
+    # nor does a second build with other settings write over it
+    with pytest.raises(ValueError, match="text.standin_tokens=16"):
+        cc.main(["--config", str(TINY_CONFIG), "--device", "cpu", *[a for s in sets + ["text.standin_tokens=16"] for a in ("--set", s)]])
+
+
 # ---------------------------------------------------------------------------- a run
 def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp_path, fixtures_dir, davae, text, grid, monkeypatch):
     import davae_training.stage2.trainer as ta
@@ -316,7 +361,7 @@ def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp
             f"data.images.sources=[{folder}]", "data.images.resolution=128", "data.images.buckets=true",
             "data.images.crop=center", f"data.cache_dir={cache}", "train.max_steps=4", "train.checkpoint_every=0",
             "train.image_every=0", "train.report_to=none", "train.log_every=1", "model.lora_rank=4", "model.lora_alpha=4",
-            "export.enabled=false"]
+            "export.enabled=false", "data.cache_dtype=float32"]
     cfg = load_config(AdapterTrainConfig, TINY_CONFIG, sets)
     try:
         summary = ta.train(cfg)
@@ -335,7 +380,7 @@ def _run_settings(tmp_path, fixtures_dir, folder, *more):
             f"tokenizer.path={fixtures_dir / 'davae' / 'davae_tiny.safetensors'}", f"data.images.sources=[{folder}]",
             "data.images.resolution=128", "data.images.buckets=true", "train.max_steps=4", "train.checkpoint_every=0",
             "train.image_every=0", "train.report_to=none", "train.log_every=1", "model.lora_rank=4", "model.lora_alpha=4",
-            "export.enabled=false", *more]
+            "export.enabled=false", "data.cache_dtype=float32", *more]
 
 
 def _train(cfg):

@@ -44,18 +44,21 @@ def comfy():
     return comfy
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny transformer after 3 AdamW steps of the stage-2 objective, and its exported files."""
+@pytest.fixture(scope="module", params=["authors", "all_blocks"])
+def trained(tmp_path_factory, request):
+    """A tiny transformer after 3 AdamW steps of the stage-2 objective, and its exported files; the LoRA on
+    the authors' targets, or on every block linear as the paper's config has it (context stream included)."""
     import comfyui_harness  # noqa: F401  (importing it makes davae_training importable from the repo)
     from davae_core.fixtures import TINY_TRANSFORMER_CONFIG, tiny_transformer
+    from davae_core.mmdit_keys import SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS
     from davae_training.stage2.model import AdapterModelConfig, prepare_adapter_model, trained_parameters
     from davae_training.stage2.objective import FlowObjectiveConfig, flow_matching_loss
     from davae_training.stage2.export import export_for_comfy
 
     stock = tiny_transformer(seed=0)
     base_state = {k: v.clone() for k, v in stock.state_dict().items()}
-    model = prepare_adapter_model(tiny_transformer(seed=0), AdapterModelConfig(lora_rank=4, lora_alpha=8.0))
+    targets = {"authors": SD3_LORA_TARGETS, "all_blocks": SD3_LORA_TARGETS_ALL_BLOCKS}[request.param]
+    model = prepare_adapter_model(tiny_transformer(seed=0), AdapterModelConfig(lora_rank=4, lora_alpha=8.0, lora_targets=list(targets)))
     params = trained_parameters(model)
     opt = torch.optim.AdamW(params.values(), lr=2e-2)
     gen = torch.Generator().manual_seed(0)
@@ -76,7 +79,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("parity")
     pos_base = {k: v for k, v in base_state.items() if k.startswith(("pos_embed.proj.", "proj_out."))}
     files = export_for_comfy(model, out, "tiny", pos_base)  # alpha 8 != rank 4: .alpha keys are written
-    return {"model": model, "base_state": base_state, "files": files, "ctx": ctx, "pooled": pooled}
+    return {"model": model, "base_state": base_state, "files": files, "ctx": ctx, "pooled": pooled, "targets": request.param}
 
 
 def _comfy_model_with_exports(comfy, trained, caplog):
@@ -113,6 +116,8 @@ def test_every_exported_lora_key_is_applied_by_comfyui(comfy, trained, caplog):
     assert not unmapped, f"ComfyUI has no target for {unmapped[:3]}"
     applied = sum(len(v) for v in patched.patches.values())
     assert applied == len(layers), f"{len(layers)} LoRA layers exported, ComfyUI queued {applied} patches"
+    context = [k for k in layers if any(n in k for n in (".add_q_proj", ".to_add_out", ".ff_context.", ".norm1_context."))]
+    assert bool(context) == (trained["targets"] == "all_blocks")
     assert any(k.endswith(".alpha") for k in lora), "alpha != rank must be written as .alpha keys"
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from davae_core.checkpoint import load_heads
 from davae_core.fixtures import TINY_TRANSFORMER_CONFIG, tiny_transformer
 from davae_core.heads import attach_to_sd3_transformer
-from davae_core.mmdit_keys import SD3_LORA_TARGETS
+from davae_core.mmdit_keys import SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS
 from davae_training.stage2.model import (
     AdapterModelConfig,
     lora_target_names,
@@ -34,9 +34,10 @@ def _inputs(seed=0, channels=32):
     )
 
 
-def _moved_model(rank=4, alpha=4.0, move_base_heads=False, move_detail_heads=True, seed=0):
+def _moved_model(rank=4, alpha=4.0, move_base_heads=False, move_detail_heads=True, seed=0, targets=SD3_LORA_TARGETS):
     """An adapter model whose LoRA B (and detail heads) are nonzero, as after training."""
-    model = prepare_adapter_model(tiny_transformer(0), AdapterModelConfig(lora_rank=rank, lora_alpha=alpha))
+    model = prepare_adapter_model(tiny_transformer(0), AdapterModelConfig(lora_rank=rank, lora_alpha=alpha,
+                                                                          lora_targets=list(targets)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -49,21 +50,27 @@ def _stock_head_state():
     return {k: v.clone() for k, v in tiny_transformer(0).state_dict().items() if k.startswith(STOCK_HEADS)}
 
 
-def test_exported_lora_keys_map_onto_every_targeted_layer(tmp_path):
-    targets = lora_target_names(tiny_transformer(0), SD3_LORA_TARGETS)
-    assert any(".attn2." in t for t in targets), "SD3.5M's attn2 layers must be LoRA targets"
-    assert not any(n in t for t in targets for n in ("add_q_proj", "to_add_out", "ff_context", "norm1_context"))
-    model = _moved_model()
+TARGET_SETS = pytest.mark.parametrize("targets", [SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS], ids=["authors", "all_blocks"])
+
+
+@TARGET_SETS
+def test_exported_lora_keys_map_onto_every_targeted_layer(tmp_path, targets):
+    layers = lora_target_names(tiny_transformer(0), targets)
+    assert any(".attn2." in t for t in layers), "SD3.5M's attn2 layers must be LoRA targets"
+    context = [t for t in layers if any(n in t for n in ("add_q_proj", "to_add_out", "ff_context", "norm1_context", "ff.net.0"))]
+    assert bool(context) == (targets == SD3_LORA_TARGETS_ALL_BLOCKS)  # the authors' list leaves the context stream out
+    model = _moved_model(targets=targets)
     path = export_lora(model, tmp_path / "lora.safetensors")
     keys = set(load_file(str(path)))
-    expected = {f"transformer.{t}.lora_{ab}.weight" for t in targets for ab in "AB"}
+    expected = {f"transformer.{t}.lora_{ab}.weight" for t in layers for ab in "AB"}
     assert keys == expected, f"missing {sorted(expected - keys)[:3]}, unexpected {sorted(keys - expected)[:3]}"
     with safe_open(str(path), framework="pt") as f:
         assert '"r": 4' in f.metadata()["lora_adapter_metadata"]
 
 
-def test_exported_lora_reloads_into_a_stock_transformer(tmp_path):
-    model = _moved_model(move_detail_heads=False)  # P' = 0: the base channels see the LoRA only
+@TARGET_SETS
+def test_exported_lora_reloads_into_a_stock_transformer(tmp_path, targets):
+    model = _moved_model(move_detail_heads=False, targets=targets)  # P' = 0: the base channels see the LoRA only
     path = export_lora(model, tmp_path / "lora.safetensors")
     fresh = tiny_transformer(0)
     fresh.load_lora_adapter(str(path), prefix="transformer", adapter_name="default")

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from safetensors import safe_open
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from davae_core import load_davae, load_heads, read_metadata
 from davae_core.fixtures import TINY_TRANSFORMER_CONFIG
-from davae_core.mmdit_keys import SD3_LORA_TARGETS, diffusers_to_mmdit
+from davae_core.mmdit_keys import SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS, diffusers_to_mmdit
 
 
 def test_fixture_files_load_in_their_real_formats(fixtures_dir):
@@ -49,13 +50,16 @@ def test_mmdit_conversion_refuses_unknown_keys():
         diffusers_to_mmdit({"transformer_blocks.0.mystery.weight": torch.zeros(1)})
 
 
-def test_lora_fixture_targets_every_layer_with_the_comfy_prefix(fixtures_dir):
-    with safe_open(str(fixtures_dir / "loras" / "lora_tiny.safetensors"), "pt") as f:
+@pytest.mark.parametrize("name,targets", [("lora_tiny", SD3_LORA_TARGETS), ("lora_tiny_all_blocks", SD3_LORA_TARGETS_ALL_BLOCKS)])
+def test_lora_fixture_targets_every_layer_with_the_comfy_prefix(fixtures_dir, name, targets):
+    with safe_open(str(fixtures_dir / "loras" / f"{name}.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
-    for target in SD3_LORA_TARGETS:
+    for target in targets:
         assert any(f".{target}.lora_A.weight" in k for k in keys), target
     assert any(".attn2.to_q.lora_B.weight" in k for k in keys)  # dual-attention layers are hit too
+    context = any(".add_q_proj." in k or ".ff_context." in k or ".norm1_context." in k for k in keys)
+    assert context == (name == "lora_tiny_all_blocks")
 
 
 def test_fixtures_command_line(tmp_path):

@@ -45,3 +45,11 @@ def test_sample_weights_scale_each_sample():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="differ in shape"):
         scheduled_flow_loss(torch.zeros(1, 32, 2, 2), torch.zeros(1, 16, 2, 2), 16, 1.0)
+
+
+def test_logged_halves_are_the_plain_mse_whatever_the_sample_weights():
+    pred = torch.zeros(2, 32, 2, 2)
+    target = torch.ones(2, 32, 2, 2)
+    target[:, 16:] = 2.0
+    out = scheduled_flow_loss(pred, target, 16, 0.5, sample_weight=torch.tensor([0.5, 3.0]))
+    assert out["base_mse"].item() == 1.0 and out["detail_mse"].item() == 4.0

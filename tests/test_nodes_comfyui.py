@@ -204,6 +204,29 @@ def test_heads_file_and_lora_change_output_and_unload_cleanly(tiny_model, fixtur
     assert torch.equal(_sample(tiny_model, latent[:, :16], noise[:, :16]), stock_before)
 
 
+
+@pytest.mark.parametrize("lora_name", ["lora_tiny.safetensors", "lora_tiny_all_blocks.safetensors"])
+def test_stage2_lora_on_either_target_set_loads_every_key_after_the_patch(tiny_model, fixtures_dir, caplog, lora_name):
+    """The authors' targets and the paper's (every block linear: context stream and ff.net.0.proj too)
+    both load through ComfyUI's stock loader onto a DA-patched model, with no "lora key not loaded"."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(str(Path(fixtures_dir) / "loras" / lora_name))
+    patched = _patch(tiny_model, _heads_file(fixtures_dir))
+    with caplog.at_level(logging.WARNING):
+        lora_model, _ = comfy.sd.load_lora_for_models(patched, None, lora, 1.0, 0.0)
+    assert not [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage()]
+    layers = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
+    assert sum(len(v) for v in lora_model.patches.values()) == len(layers)  # one patch per LoRA layer
+    context = {k for k in layers if any(n in k for n in (".add_q_proj", ".to_add_out", ".ff_context.", ".norm1_context."))}
+    assert bool(context) == ("all_blocks" in lora_name)
+    gen = torch.Generator().manual_seed(7)
+    latent, noise = torch.randn(1, 32, 16, 16, generator=gen), torch.randn(1, 32, 16, 16, generator=gen)
+    assert not torch.allclose(_sample(lora_model, latent, noise), _sample(patched, latent, noise), atol=1e-4)
+    comfy.model_management.unload_all_models()
+
 def test_patching_twice_does_not_stack_heads(tiny_model, fixtures_dir):
     gen = torch.Generator().manual_seed(5)
     latent, noise = torch.randn(1, 32, 16, 16, generator=gen), torch.randn(1, 32, 16, 16, generator=gen)

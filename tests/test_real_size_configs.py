@@ -227,3 +227,45 @@ def test_sampling_plan_ratios_at_full_size():
 def test_a_low_precision_base_without_autocast_is_refused():
     with pytest.raises(ValueError, match="mixed_precision=bf16"):
         _preflight("sd35m_1024_80gb.yaml", "train.mixed_precision=no", steps=1)
+
+
+def test_plan_states_the_global_batch_per_process_count_and_the_one_gpu_accumulation():
+    from bench.plan import batch_plan
+    from davae_training.config import load_config
+    from davae_training.stage1.config import TokenizerTrainConfig
+    from davae_training.stage2.config import AdapterTrainConfig
+
+    paper = batch_plan(load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024.yaml").train)
+    assert paper["global_batch_by_processes"] == {1: 16, 2: 32, 4: 64, 8: 128}
+    assert paper["written_for_processes"] == 8 and paper["one_gpu_reaches_recipe_with"] == "--set train.gradient_accumulation_steps=8"
+    authors = batch_plan(load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024_authors.yaml").train)
+    assert authors["written_for_processes"] == 8  # its GPU-days were once projected on one process (batch 16)
+    one_card = batch_plan(load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024_24gb.yaml").train)
+    assert one_card["written_for_processes"] == 1 and one_card["global_batch_by_processes"][1] == 128
+    tokenizer = batch_plan(load_config(TokenizerTrainConfig, CONFIGS / "tokenizer_sd3_authors.yaml").train)
+    assert tokenizer["global_batch_by_processes"][8] == 128 and tokenizer["one_gpu_reaches_recipe_with"].endswith("=16")
+
+
+def test_plan_counts_both_lora_target_sets_and_the_realism_phase_steps():
+    from bench.plan import lora_plan, phase_steps
+    from davae_core.mmdit_keys import SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS
+    from davae_training.architectures import toy_width, transformer_config
+    from davae_training.config import load_config
+    from davae_training.preflight import random_sd3_transformer
+    from davae_training.stage2.config import AdapterTrainConfig
+    from davae_training.stage2.model import AdapterModelConfig, prepare_adapter_model
+
+    counts = {}
+    for name, targets in (("authors", SD3_LORA_TARGETS), ("paper", SD3_LORA_TARGETS_ALL_BLOCKS)):
+        base = random_sd3_transformer(toy_width(transformer_config("sd35m"), layers=2), torch.float32, torch.device("meta"))
+        model = prepare_adapter_model(base, AdapterModelConfig(lora_rank=4, lora_alpha=4, lora_targets=list(targets)))
+        counts[name] = lora_plan(model, targets)
+    # two blocks, 128 wide: block 0 has dual attention; block 1 is the last, its context stream pre-only
+    assert counts["authors"]["lora_targets"] == "authors' list" and counts["paper"]["lora_targets"] == "paper: every block linear"
+    assert counts["authors"]["lora_layers"] == 2 * 6 + 4  # q, k, v, out, ff.net.2, norm1 per block + attn2 q, k, v, out
+    # + block 0: add_q/k/v, to_add_out, ff.net.0.proj, ff_context.net.0.proj and .2, norm1_context (8);
+    #   block 1 (no context output): add_q/k/v, ff.net.0.proj, norm1_context (5)
+    assert counts["paper"]["lora_layers"] == counts["authors"]["lora_layers"] + 8 + 5
+    assert counts["paper"]["lora_params"] > counts["authors"]["lora_params"] > 0
+    realism = load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024_realism.yaml")
+    assert phase_steps(realism) == 5000 and phase_steps(load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024.yaml")) == 20000

@@ -48,10 +48,10 @@ def sd35_folder(fixtures_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(sd35_folder, tmp_path_factory):
     """The synthetic-data command's output: the base pipeline's images for PROMPTS, captions kept."""
-    from davae_training.data.synthetic import SD3PipelineGenerator, build_synthetic_dataset
+    from davae_training.data.synthetic import PipelineGenerator, build_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
-    generator = SD3PipelineGenerator(sd35_folder, resolution=96, steps=2, guidance=2.0, device="cpu", dtype=torch.float32)
+    generator = PipelineGenerator(sd35_folder, resolution=96, steps=2, guidance=2.0, device="cpu", dtype=torch.float32)
     assert build_synthetic_dataset(PROMPTS, out, generator, per_prompt=2, seed=0, batch_size=4, settings=generator.settings) == 8
     return out
 
@@ -218,6 +218,51 @@ def test_synthetic_dataset_keeps_captions_and_resumes(images, tmp_path):
     assert (out / "00000" / "000000.png").stat().st_mtime_ns == before
 
 
+
+def _write_tiny_flux_pipeline(folder: Path) -> Path:
+    """A diffusers FluxPipeline folder with random tiny components and offline tokenizers (no FLUX weights here)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from davae_training.stage2.text_conditioning import _byte_level_clip_tokenizer, _character_t5_tokenizer
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_tok, t5_tok = _byte_level_clip_tokenizer(Path(tmp) / "clip"), _character_t5_tokenizer(Path(tmp) / "t5")
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=clip_tok.bos_token_id,
+                                            eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id))
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+                                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                            block_out_channels=[8, 16], latent_channels=4, norm_num_groups=4, shift_factor=0.0, scaling_factor=1.0,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                     tokenizer_2=t5_tok, transformer=transformer).save_pretrained(str(folder))
+    return folder
+
+
+def test_realism_phase_images_come_from_a_flux_pipeline_folder(tmp_path):
+    """python -m davae_training.data.synthetic --generator flux: the command sd35m_1024_realism.yaml names."""
+    from PIL import Image
+
+    from davae_training.data.synthetic import main as synthesise
+
+    flux = _write_tiny_flux_pipeline(tmp_path / "flux")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse in a storm\na bowl of cherries\n")
+    out = tmp_path / "flux_realism"
+    synthesise(["--generator", "flux", "--pretrained", str(flux), "--prompts", str(prompts), "--out", str(out), "--resolution", "32",
+                "--steps", "2", "--guidance", "3.5", "--dtype", "float32"])
+    pngs = sorted((out / "00000").glob("*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (32, 32) for p in pngs)
+    assert (out / "00000" / "000001.txt").read_text() == "a bowl of cherries"
+    assert json.loads((out / "00000" / "000000.json").read_text())["pipeline"] == "FluxPipeline"
+
 def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, sd35_folder, fixtures_dir, images, monkeypatch):
     import davae_training.stage2.trainer as ta
     from davae_core.checkpoint import load_davae
@@ -226,7 +271,7 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
     from davae_training.config import load_config
     from davae_training.stage2.config import AdapterTrainConfig
     from davae_training.data.images import ImageDataConfig, ImageDataset, build_index
-    from davae_training.stage2.text_conditioning import SD3TextConditioner
+    from davae_training.stage2.text_conditioning import SD3TextConditioner, text_settings
     from davae_training.stage2.latent_grid import LatentGrid
 
     images_cfg = ImageDataConfig(sources=[str(images)], resolution=64, crop="center")
@@ -259,9 +304,17 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
 
     monkeypatch.setattr(ta, "load_davae_for_training", forbidden)
     monkeypatch.setattr(ta, "build_text_conditioner", forbidden)
+    # the cache serves the text settings it was made with (SD3's encoders, T5 length 16, float32) and no other
     args = _overrides(tmp_path / "run", sd35_folder, fixtures_dir, images, "train.max_steps=2", "train.checkpoint_every=0",
-                      f"data.cache_dir={cache}", "tokenizer.path=''", "export.enabled=false")
+                      f"data.cache_dir={cache}", "tokenizer.path=''", "export.enabled=false", "text.kind=sd3",
+                      "text.max_sequence_length=16", "text.dtype=float32", "data.cache_dtype=float32")
     cfg = load_config(AdapterTrainConfig, TINY_CONFIG, args[1::2])
+    assert text.settings == text_settings(cfg.text, cfg.model.pretrained)
+    longer = load_config(AdapterTrainConfig, TINY_CONFIG, [*args[1::2], "text.max_sequence_length=32"])
+    with pytest.raises(ValueError, match=r"built with text.max_sequence_length=16, but the config asks for "
+                                         r"text.max_sequence_length=32. Rebuild it .*python -m davae_training.stage2.caption_cache"):
+        ta.train(longer)
+    reset_accelerate()
     try:
         summary = ta.train(cfg)
     finally:  # accelerate keeps process-wide state; leave none behind for other tests
@@ -370,6 +423,50 @@ def test_stage2_new_learning_rate_applied_nonfinite_stop_and_skip(stage2_run, sd
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_later_phase_continues_a_stage2_run_on_other_data(stage2_run, sd35_folder, fixtures_dir, images, tmp_path):
+    """The realism phase (sd35m_1024_realism.yaml): train.continue_from starts a new run where a finished
+    one ended (weights, EMA, optimizer, step) and reads its own data from the start; a plain resume
+    with other data is refused, and the new run resumes its own checkpoints after that."""
+    import re
+
+    import davae_training.stage2.trainer as ta
+    from davae_training.common import plan_resume
+    from davae_training.data.synthetic import main as synthesise
+    from davae_training.run_safety import ResumeConfigError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse in a storm\na bowl of cherries\n")
+    flux = tmp_path / "flux_images"
+    synthesise(["--generator", "standin", "--prompts", str(prompts), "--out", str(flux), "--resolution", "96", "--per-prompt", "2"])
+    phase = ("train.max_steps=6", f"data.images.sources=[{flux}]")
+
+    with pytest.raises(ResumeConfigError, match=re.escape("data.images.sources")):  # the old advice: --resume + new data
+        plan_resume("latest", _cfg(copy_run(stage2_run, tmp_path / "plain"), sd35_folder, fixtures_dir, images, *phase))
+
+    # at the earlier phase's last step: nothing to train, the weights are the checkpoint's
+    same = tmp_path / "same"
+    try:
+        ta.train(_cfg(same, sd35_folder, fixtures_dir, images, f"train.continue_from={stage2_run}", f"data.images.sources=[{flux}]"))
+    finally:
+        reset_accelerate()
+    start = load_file(str(stage2_run / "checkpoints" / "checkpoint-00000004" / "adapter_trained.safetensors"))
+    assert all(torch.equal(start[k], v) for k, v in _final(same)[0].items())
+
+    out = tmp_path / "realism"
+    try:
+        summary = ta.train(_cfg(out, sd35_folder, fixtures_dir, images, f"train.continue_from={stage2_run}", *phase))
+    finally:
+        reset_accelerate()
+    assert summary["step"] == 6
+    state = json.loads((out / "checkpoints" / "checkpoint-00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["micro_batches"] == 2  # this phase's data from its start: 2 micro-batches
+    assert str(flux) in (out / "data_index.json").read_text() and str(images) not in (out / "data_index.json").read_text()
+    assert not all(torch.equal(start[k], v) for k, v in _final(out)[0].items())
+    # interrupted later, it resumes its own checkpoints, not the earlier phase's
+    plan = plan_resume("latest", _cfg(out, sd35_folder, fixtures_dir, images, f"train.continue_from={stage2_run}", *phase))
+    assert plan.path.parent.parent == out and not plan.new_phase
+
+
 def test_stage2_export_refuses_nonfinite_weights(sd35_folder, tmp_path):
     from davae_training.run_safety import NonFiniteError
     from davae_training.stage2.export import export_for_comfy
@@ -406,7 +503,7 @@ def test_authors_objective_config_runs_a_tiny_width_training(tmp_path, sd35_fold
     authors = REPO / "training" / "configs" / "sd35m_1024_authors.yaml"
     paper = load_config(AdapterTrainConfig, REPO / "training" / "configs" / "sd35m_1024.yaml", [])
     args = _overrides(tmp_path / "run", sd35_folder, fixtures_dir, images, "train.max_steps=2", "train.checkpoint_every=0",
-                      "train.batch_size=2", "train.mixed_precision=no", "train.dataloader_num_workers=0",
+                      "train.batch_size=2", "train.mixed_precision=no", "model.base_dtype=float32", "train.dataloader_num_workers=0",
                       "train.gradient_checkpointing=false", "text.dtype=float32", "data.images.resize_short_side=false",
                       "export.enabled=false", "sampling.resolution=64", "sampling.steps=2")
     cfg = load_config(AdapterTrainConfig, authors, args[1::2])

@@ -335,6 +335,7 @@ class ResumePlan:
     path: Path
     changes: dict[str, tuple[Any, Any]]
     learning_rate: float | None = None  # a new base learning rate to apply after loading
+    new_phase: bool = False  # an earlier phase's checkpoint (train.continue_from): its data position is not ours
 
 
 def plan_resume(resume: str | None, config: Any, change_learning_rate: bool = False) -> ResumePlan | None:
@@ -347,6 +348,9 @@ def plan_resume(resume: str | None, config: Any, change_learning_rate: bool = Fa
     from .run_safety import LEARNING_RATE_KEY, check_resume_config
 
     path = resolve_resume(resume, config.train.output_dir)
+    new_phase = path is None and bool(config.train.continue_from)
+    if new_phase:  # no checkpoint of its own yet: start where the earlier phase ended
+        path = resolve_continue_from(config.train.continue_from)
     if path is None:
         if change_learning_rate:
             logger.info("--change-learning-rate: nothing to resume, train.learning_rate is used from step 0")
@@ -356,11 +360,28 @@ def plan_resume(resume: str | None, config: Any, change_learning_rate: bool = Fa
         raise CheckpointError(f"{path}: no {RUN_CONFIG}, so the config cannot be compared; start a new run")
     saved = yaml.safe_load(saved_file.read_text()) or {}
     current = yaml.safe_load(yaml.safe_dump(config_to_dict(config), sort_keys=False))  # tuples -> lists, as saved
-    changes = check_resume_config(saved, current, change_learning_rate, path)
+    changes = check_resume_config(saved, current, change_learning_rate, path, new_phase)
     for key, (old, new) in changes.items():
         logger.info("resume: %s changed %r -> %r (applied)", key, old, new)
     new_lr = changes[LEARNING_RATE_KEY][1] if LEARNING_RATE_KEY in changes else None
-    return ResumePlan(path, changes, float(new_lr) if new_lr is not None else None)
+    return ResumePlan(path, changes, float(new_lr) if new_lr is not None else None, new_phase)
+
+
+def resolve_continue_from(where: str) -> Path:
+    """``train.continue_from``: a checkpoint folder, or a run folder's newest intact checkpoint."""
+    path = Path(where)
+    if (path / STATE_FILE).is_file():
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(f"train.continue_from={where}: {problem}")
+        return path
+    latest, skipped = latest_complete_checkpoint(path)
+    if latest is None:
+        damaged = "".join(f"\n  {p.name}: {why}" for p, why in skipped)
+        raise CheckpointError(f"train.continue_from={where}: no intact checkpoint in {checkpoint_dir(path)}{damaged}\n"
+                              "Train the earlier phase first (its train.output_dir), or name one of its checkpoint folders.")
+    logger.info("train.continue_from: %s", latest)
+    return latest
 
 
 def resume_from(accelerator, plan: ResumePlan | None, optimizer, lr_scheduler) -> TrainerState:
@@ -368,6 +389,9 @@ def resume_from(accelerator, plan: ResumePlan | None, optimizer, lr_scheduler) -
     if plan is None:
         return TrainerState(world_size=accelerator.num_processes)
     state = load_checkpoint(accelerator, plan.path)
+    if plan.new_phase:  # the earlier phase's data position means nothing for this phase's data
+        state.micro_batches = 0
+        logger.info("continuing an earlier phase at step %d; this phase's data is read from its start", state.step)
     if plan.learning_rate is not None:
         from .run_safety import apply_learning_rate
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -49,6 +50,50 @@ class TrainLoopConfig:
     optimizer: str = "adamw"  # "adamw" | "adamw_8bit" (bitsandbytes; see optimizers.py)
     allow_tf32: bool = True
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" that optimizer step
+    # after the warm-up: "constant", or "cosine" from learning_rate down to lr_min at lr_decay_steps
+    # (None: max_steps), held there after (optimizers.make_lr_scheduler)
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    lr_decay_steps: int | None = None
+    weight_decay_on_1d: bool = True  # False: biases and norm gains get no weight decay (the authors' stage 1)
+    # the global batch (batch_size x gradient_accumulation_steps x processes) the config's recipe is
+    # written for; the trainers log what a launch gives and the accumulation that reaches it
+    recipe_global_batch: int | None = None
+    # a run folder (its newest intact checkpoint) or a checkpoint of an EARLIER PHASE this run starts
+    # from when it has no checkpoint of its own (e.g. stage 2's realism phase); it may use other
+    # data (run_safety.PHASE_DATA_KEYS), read from its start
+    continue_from: str | None = None
+
+
+def global_batch(loop: TrainLoopConfig, processes: int) -> int:
+    """Samples per optimizer step: ``batch_size`` is per process and per micro-batch."""
+    return loop.batch_size * loop.gradient_accumulation_steps * processes
+
+
+def reach_recipe_batch(loop: TrainLoopConfig, processes: int, target: int) -> str:
+    """The overrides that make the global batch ``target`` on ``processes`` processes, keeping
+    ``batch_size`` when a whole accumulation count does it, else the largest batch_size that does."""
+    if target % processes:
+        return f"no setting gives {target} on {processes} processes: use a process count that divides {target}"
+    per_process = target // processes
+    batch = max(b for b in range(1, min(loop.batch_size, per_process) + 1) if per_process % b == 0)
+    keep = "" if batch == loop.batch_size else f"--set train.batch_size={batch} "
+    return f"{keep}--set train.gradient_accumulation_steps={per_process // batch}"
+
+
+def log_global_batch(loop: TrainLoopConfig, processes: int) -> int:
+    """Log the global batch a launch gives; when it is not the recipe's, say how to reach it."""
+    log = logging.getLogger("davae_training")
+    got = global_batch(loop, processes)
+    how = (f"global batch {got} = train.batch_size {loop.batch_size} per process x gradient_accumulation_steps "
+           f"{loop.gradient_accumulation_steps} x {processes} process(es)")
+    target = loop.recipe_global_batch
+    if target is None or got == target:
+        log.info("%s%s", how, "" if target is None else " (the recipe's batch)")
+    else:
+        log.warning("%s, but this config's recipe is written for a global batch of %d; on %d process(es): %s",
+                    how, target, processes, reach_recipe_batch(loop, processes, target))
+    return got
 
 
 def _is_dataclass_type(tp: Any) -> bool:

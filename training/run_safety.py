@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, TrainLoopConfig
 
 logger = logging.getLogger("davae_training")
 
@@ -132,8 +133,17 @@ SAFE_KEYS = frozenset({
     "train.image_every", "train.report_to", "train.project_name", "train.dataloader_num_workers",
     "train.gradient_checkpointing", "train.on_nonfinite",
     "data.index_cache", "data.images.index_cache",  # where the file index is cached, not what it holds
+    "train.recipe_global_batch",  # documents the recipe; the launch decides the batch
 })
 SAFE_SECTIONS = ("export.", "stats.", "sampling.")  # what happens after or beside training
+# where the samples come from: a run that continues an earlier phase (train.continue_from) may change
+# these, and reads its data from the start (stage 1 has them under data., stage 2 under data.images.)
+_DATA_SOURCE_FIELDS = ("sources", "format", "max_images", "verify_images", "hf_image_column", "hf_caption_column",
+                       "hf_split", "streaming", "shuffle_buffer")
+PHASE_DATA_KEYS = frozenset({f"data.{f}" for f in _DATA_SOURCE_FIELDS} | {f"data.images.{f}" for f in _DATA_SOURCE_FIELDS}
+                            | {"data.cache_dir", "train.continue_from"})
+# a checkpoint written before a train.* key existed ran with its default
+_LOOP_DEFAULTS = {f"train.{f.name}": f.default for f in dataclasses.fields(TrainLoopConfig) if f.default is not dataclasses.MISSING}
 
 
 def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -147,14 +157,25 @@ def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], change_learning_rate: bool,
-                        checkpoint: str | os.PathLike) -> dict[str, tuple[Any, Any]]:
-    """The keys that differ (``{key: (saved, now)}``) if all may change; otherwise ResumeConfigError."""
+                        checkpoint: str | os.PathLike, new_phase: bool = False) -> dict[str, tuple[Any, Any]]:
+    """The keys that differ (``{key: (saved, now)}``) if all may change; otherwise ResumeConfigError.
+
+    ``new_phase``: the checkpoint is an earlier phase's (``train.continue_from``), whose data may differ.
+    """
     old, new = flatten_config(saved), flatten_config(current)
     missing = object()
+    for key, default in _LOOP_DEFAULTS.items():
+        if key not in old and key in new:
+            old[key] = default
     diff = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)}
     show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
-    unsafe = [k for k in diff if k != LEARNING_RATE_KEY and k not in SAFE_KEYS and not k.startswith(SAFE_SECTIONS)]
+    allowed = SAFE_KEYS | PHASE_DATA_KEYS if new_phase else SAFE_KEYS
+    unsafe = [k for k in diff if k != LEARNING_RATE_KEY and k not in allowed and not k.startswith(SAFE_SECTIONS)]
     problems = [f"{k}: {show(diff[k][0])} -> {show(diff[k][1])}" for k in unsafe]
+    if "train.max_steps" in diff and new.get("train.lr_schedule") == "cosine" and new.get("train.lr_decay_steps") is None:
+        problems.append(f"train.max_steps: {show(diff['train.max_steps'][0])} -> {show(diff['train.max_steps'][1])} "
+                        "(the cosine learning rate decays over max_steps; set train.lr_decay_steps="
+                        f"{show(diff['train.max_steps'][0])} to keep its curve)")
     if LEARNING_RATE_KEY in diff and not change_learning_rate:
         problems.append(f"{LEARNING_RATE_KEY}: {show(diff[LEARNING_RATE_KEY][0])} -> {show(diff[LEARNING_RATE_KEY][1])} "
                         "(the optimizer state holds the old rate; add --change-learning-rate to apply the new one)")

@@ -5,7 +5,8 @@
     accelerate launch -m davae_training.data.synthetic ...   # ranks split the work
 
 The paper fine-tunes on images SD3.5-Medium itself generated from DiffusionDB prompts
-(then 5k steps on FLUX images).  Prompts come from a ``.txt`` file (one per line) or a
+(``--generator sd3``), then 5k steps on FLUX images (``--generator flux --pretrained /models/FLUX.1-dev``,
+the data of ``training/configs/sd35m_1024_realism.yaml``).  Prompts come from a ``.txt`` file (one per line) or a
 ``.jsonl`` file (a "prompt", "caption" or "text" field per line).  Output, readable by
 :mod:`davae_training.data.images`/:mod:`davae_training.stage2.caption_cache` as a folder with sidecar captions::
 
@@ -15,8 +16,8 @@ Image ``i`` uses prompt ``i // per_prompt`` and seed ``seed + i``; existing imag
 so an interrupted build resumes where it stopped, and files appear atomically.
 
 The generator is injectable (``generator(prompts, seeds) -> list[PIL.Image]``):
-:class:`SD3PipelineGenerator` runs diffusers' ``StableDiffusion3Pipeline`` from a local
-folder; :class:`StandinGenerator` is a **test stand-in** (smooth seeded noise, no model) for
+:class:`PipelineGenerator` runs diffusers' ``StableDiffusion3Pipeline`` or ``FluxPipeline`` from a
+local folder; :class:`StandinGenerator` is a **test stand-in** (smooth seeded noise, no model) for
 machines without SD3 weights.
 """
 
@@ -68,19 +69,24 @@ def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
     return prompts
 
 
-class SD3PipelineGenerator:
-    """diffusers ``StableDiffusion3Pipeline`` from a local SD3.5 folder, one seed per image."""
+# --generator -> the diffusers pipeline class that reads the --pretrained folder
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+class PipelineGenerator:
+    """A diffusers text-to-image pipeline (``kind``: a key of PIPELINES) from a local folder, one seed per image."""
 
     def __init__(self, folder: str | os.PathLike, resolution: int = 1024, steps: int = 28, guidance: float = 4.5,
-                 device: str = "cuda", dtype: torch.dtype = torch.bfloat16, pipeline=None):
+                 device: str = "cuda", dtype: torch.dtype = torch.bfloat16, pipeline=None, kind: str = "sd3"):
         if pipeline is None:
-            from diffusers import StableDiffusion3Pipeline
+            import diffusers
 
-            pipeline = StableDiffusion3Pipeline.from_pretrained(str(folder), torch_dtype=dtype)
+            pipeline = getattr(diffusers, PIPELINES[kind]).from_pretrained(str(folder), torch_dtype=dtype)
         self.pipe = pipeline.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.resolution, self.steps, self.guidance = device, resolution, steps, guidance
-        self.settings = {"model": str(folder), "resolution": resolution, "steps": steps, "guidance": guidance}
+        self.settings = {"model": str(folder), "pipeline": type(self.pipe).__name__, "resolution": resolution,
+                         "steps": steps, "guidance": guidance}
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
@@ -143,12 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m davae_training.data.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl prompt list")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--pretrained", default="", help="local diffusers SD3.5 folder (StableDiffusion3Pipeline)")
-    ap.add_argument("--generator", choices=["sd3", "standin"], default="sd3",
-                    help="'standin' writes seeded noise images for smoke tests - not a model")
+    ap.add_argument("--pretrained", default="", help="local diffusers folder of the --generator's pipeline")
+    ap.add_argument("--generator", choices=[*PIPELINES, "standin"], default="sd3",
+                    help="sd3: StableDiffusion3Pipeline (the main data), flux: FluxPipeline (the realism phase); "
+                         "'standin' writes seeded noise images for smoke tests - not a model")
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--guidance", type=float, default=4.5)
+    ap.add_argument("--guidance", type=float, default=4.5, help="4.5 suits SD3.5; FLUX.1-dev's default is 3.5")
     ap.add_argument("--per-prompt", type=int, default=1)
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=1)
@@ -162,9 +169,10 @@ def main(argv: list[str] | None = None) -> None:
         gen: ImageGenerator = StandinGenerator(args.resolution)
     else:
         if not args.pretrained:
-            ap.error("--pretrained is required with --generator sd3")
+            ap.error(f"--pretrained is required with --generator {args.generator}")
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        gen = SD3PipelineGenerator(args.pretrained, args.resolution, args.steps, args.guidance, device, DTYPES[args.dtype])
+        gen = PipelineGenerator(args.pretrained, args.resolution, args.steps, args.guidance, device, DTYPES[args.dtype],
+                                kind=args.generator)
     n = build_synthetic_dataset(prompts, args.out, gen, args.per_prompt, args.seed, args.batch_size, rank, world,
                                 getattr(gen, "settings", None))
     print(f"rank {rank}: wrote {n} images to {args.out}")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.optimization import get_scheduler
 from torch import nn
 
 from davae_core import DAVAE, save_davae
@@ -48,8 +47,8 @@ from ..common import (
     setup_plain_logging,
 )
 from ..run_safety import NonFiniteGuard, OutputLock, check_finite_tensors
-from ..config import add_common_arguments, config_to_dict, load_config
-from ..optimizers import make_optimizer
+from ..config import add_common_arguments, config_to_dict, load_config, log_global_batch
+from ..optimizers import make_lr_scheduler, make_optimizer
 from ..data.images import ImageDataset, ResumableSampler, load_or_build_index, make_dataloader
 from ..data.loader import make_training_loader
 from .config import FIXTURE_VAE, TokenizerModelConfig, TokenizerTrainConfig
@@ -223,9 +222,8 @@ def _train(config: TokenizerTrainConfig, resume: str | None, perceptual_net: nn.
     logger.info("DA-VAE: %.2fM trainable of %.2fM parameters", sum(p.numel() for p in trainable) / 1e6,
                 sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = make_optimizer(trainable, loop)
-    # accelerate steps a prepared scheduler once per process per optimizer step
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                 num_warmup_steps=loop.lr_warmup_steps * accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, loop, accelerator.num_processes)
+    log_global_batch(loop, accelerator.num_processes)
     perceptual = build_perceptual_loss(config.loss, perceptual_net) if config.loss.lpips_weight > 0 else None
     loss_fn = TokenizerLoss(config.loss, perceptual).to(accelerator.device)
 

@@ -22,6 +22,13 @@ writes ``data.cache_dir``:
   them), the latent factor and patch size, the bucket list, the shards, and per sample its key,
   caption, shard, row and bucket.
 
+A cache serves only a config that would make the same tensors: the crop settings, the DA-VAE (its
+file's SHA-256 and ``tokenizer.dtype``), the text conditioning (``text.kind``, the T5 length
+``text.max_sequence_length``, ``text.dtype``, whether T5 is there; the stand-in's sizes) and
+``data.cache_dtype`` are recorded, and training refuses a cache built with other ones, naming each
+setting and the command that rebuilds it.  (The text encoders' folder is not compared: SD3,
+SD3.5-Medium and -Large share CLIP-L, CLIP-G and T5.)
+
 Crops are centre crops, never flipped (random ones would freeze one draw per image anyway).
 Streams are read once, single process, in their own order (shards as listed, dataset rows in
 order), without shuffling; corrupt or too-small samples are skipped and counted in the log as in
@@ -52,14 +59,15 @@ from davae_core.dtypes import dtype_from_name
 from ..data.buckets import make_buckets
 from ..data.images import ImageDataConfig, ImageRecord, load_rgb, read_caption
 from ..data.streams import StreamReport, decode_rgb, make_source, sample_pixels
-from .config import CaptionDataConfig
+from .config import CaptionDataConfig, TokenizerConfig
 from .latent_grid import LatentGrid, check_latent_sides
+from .text_conditioning import text_settings
 
 logger = logging.getLogger("davae_training.data")
 
 CACHE_INDEX = "index.json"
 CACHE_PROMPTS = "prompts.safetensors"
-CACHE_VERSION = 3  # 2: shards per bucket; 3: the bucket grid of the transformer's patches
+CACHE_VERSION = 4  # 2: shards per bucket; 3: the bucket grid of the transformer's patches; 4: text and DA-VAE settings
 TENSORS = ("latents", "embeds", "pooled")
 BUILD_COMMAND = "python -m davae_training.stage2.caption_cache --config CONFIG"
 
@@ -80,18 +88,55 @@ def cache_settings(images: ImageDataConfig, bucket_grid: int | None) -> dict[str
     return settings
 
 
+def davae_identity(tokenizer: TokenizerConfig) -> dict[str, Any]:
+    """The DA-VAE that encodes, by content (its file's SHA-256), and the dtype it runs in."""
+    from ..common import _sha256
+
+    return {"tokenizer.sha256": _sha256(Path(tokenizer.path)), "tokenizer.dtype": tokenizer.dtype}
+
+
+def expected_encoding(cfg) -> dict[str, Any]:
+    """What a stage-2 config (``AdapterTrainConfig``) would make the cached tensors with: the storage
+    dtype, its text settings and, when ``tokenizer.path`` is set, its DA-VAE."""
+    encoding = {"data.cache_dtype": cfg.data.cache_dtype, **text_settings(cfg.text, cfg.model.pretrained)}
+    if cfg.tokenizer.path:
+        encoding.update(davae_identity(cfg.tokenizer))
+    return encoding
+
+
+_ORDER = ("resolution", "buckets", "bucket_max_aspect", "resize_short_side", "bucket_grid")
+
+
 def _describe(settings: dict[str, Any]) -> str:
-    order = ("resolution", "buckets", "bucket_max_aspect", "resize_short_side", "bucket_grid")  # index.json stores keys sorted
-    keys = sorted(settings, key=lambda k: (order.index(k) if k in order else len(order), k))
-    return ", ".join(f"bucket sides multiples of {settings[k]} px (DA-VAE factor x transformer patch)" if k == "bucket_grid"
-                     else f"data.images.{k}={json.dumps(settings[k])}" for k in keys)
+    """Settings as the config names them: bare keys are ``data.images.*``, dotted keys their own."""
+    def one(key: str, value: Any) -> str:
+        if key == "bucket_grid":
+            return f"bucket sides multiples of {value} px (DA-VAE factor x transformer patch)"
+        if key == "tokenizer.sha256":
+            return f"the DA-VAE file (tokenizer.path) with SHA-256 {value[:16]}..."
+        if key == "text.t5":
+            return f"T5 {'present' if value else 'absent'} in the text encoders' folder (text_encoder_3)"
+        return f"{key if '.' in key else 'data.images.' + key}={json.dumps(value)}"
+
+    keys = sorted(settings, key=lambda k: (_ORDER.index(k) if k in _ORDER else len(_ORDER), k))
+    return ", ".join(one(k, settings[k]) for k in keys)
+
+
+def _differing(built: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Keys whose values differ; the DA-VAE's only where both sides know it (training from a cache
+    needs no tokenizer.path, and a cache built through the API may not record one)."""
+    missing = object()
+    return [k for k in sorted(built.keys() | wanted.keys()) if built.get(k, missing) != wanted.get(k, missing)
+            and not (k.startswith("tokenizer.") and (k not in built or k not in wanted))]
 
 
 def check_cache_settings(root: Path, built: dict[str, Any], wanted: dict[str, Any]) -> None:
-    if built != wanted:
+    keys = _differing(built, wanted)
+    if keys:
         raise ValueError(
-            f"{root}: the cache was built with {_describe(built)}, but the config asks for {_describe(wanted)}. "
-            f"Rebuild it for this config ({BUILD_COMMAND}) into another data.cache_dir (or after deleting {root}), "
+            f"{root}: the cache was built with {_describe({k: built[k] for k in keys if k in built})}, but the config "
+            f"asks for {_describe({k: wanted[k] for k in keys if k in wanted})}. Rebuild it for this config "
+            f"({BUILD_COMMAND}) into another data.cache_dir (or after deleting {root}), "
             "or set data.cache_dir to a cache built with these settings."
         )
 
@@ -115,10 +160,13 @@ class CachedConditioningDataset(Dataset):
     and :class:`davae_training.data.buckets.BucketBatchSampler`).  Tensors are returned in float32.
     With ``expect`` (the config's ``data.images``) a cache built with other crop settings is refused;
     with ``patch_size`` (the transformer's) one whose latents are not whole patches, or whose buckets
-    are on another grid than the cache's latent factor times ``patch_size``, is refused too.
+    are on another grid than the cache's latent factor times ``patch_size``, is refused too; with
+    ``encoding`` (:func:`expected_encoding` of the config) one whose tensors another DA-VAE, other
+    text settings (the T5 length...) or another storage dtype made.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, expect: ImageDataConfig | None = None, patch_size: int | None = None):
+    def __init__(self, cache_dir: str | os.PathLike, expect: ImageDataConfig | None = None, patch_size: int | None = None,
+                 encoding: dict[str, Any] | None = None):
         self.root = Path(cache_dir)
         if not cache_is_complete(self.root):
             raise FileNotFoundError(f"{self.root}: no complete stage-2 cache (missing {CACHE_INDEX}); build it with {BUILD_COMMAND}")
@@ -126,19 +174,26 @@ class CachedConditioningDataset(Dataset):
         version = index.get("version")
         if version != CACHE_VERSION:
             raise ValueError(
-                f"{self.root}: cache version {version}, this code reads version {CACHE_VERSION} (shards per bucket, "
+                f"{self.root}: cache version {version}, this code reads version {CACHE_VERSION} (shards per bucket, the text and DA-VAE "
                 f"settings recorded, buckets on the transformer's patch grid); rebuild it with {BUILD_COMMAND} into another data.cache_dir (or after deleting {self.root})"
             )
         self.settings: dict[str, Any] = index["settings"]
+        self.encoding: dict[str, Any] = index["encoding"]
         self.latent_factor: int = int(index["latent_factor"])
+        built, wanted = {}, {}
         if expect is not None:
             grid = self.latent_factor * patch_size if patch_size else self.settings.get("bucket_grid")
-            check_cache_settings(self.root, self.settings, cache_settings(expect, grid))
+            built.update(self.settings)
+            wanted.update(cache_settings(expect, grid))
+        if encoding is not None:
+            built.update(self.encoding)
+            wanted.update(encoding)
+        check_cache_settings(self.root, built, wanted)
         self.samples: list[dict[str, Any]] = index["samples"]
         self.shards: list[str] = index["shards"]
         self.buckets: list[tuple[int, int]] = [tuple(b) for b in index["buckets"]]
         self.bucket_of_sample: list[int] = [int(s["bucket"]) for s in self.samples]
-        self.text_encoder = index.get("text_encoder", "?")
+        self.text_encoder = self.encoding["text.kind"]
         if not self.samples:
             raise ValueError(f"{self.root}: the cache holds no samples")
         if patch_size is not None:
@@ -200,14 +255,19 @@ def _stream_candidates(images: ImageDataConfig, report: StreamReport) -> Iterato
         yield i, raw.key, (lambda raw=raw: (decode_rgb(raw.image), raw.caption))
 
 
-def _build_signature(config: CaptionDataConfig, text_name: str, grid: LatentGrid) -> dict[str, Any]:
+def _build_signature(config: CaptionDataConfig, encoding: dict[str, Any], grid: LatentGrid) -> dict[str, Any]:
     """What must match for a rerun to reuse shards already written."""
     im = config.images
     source = {"format": im.format, "sources": [str(s) for s in im.sources], "max_images": im.max_images}
     if im.format == "hf":
-        source.update(image_column=im.hf_image_column, caption_column=im.hf_caption_column, split=im.hf_split)
+        source.update(hf_image_column=im.hf_image_column, hf_caption_column=im.hf_caption_column, hf_split=im.hf_split)
     return {"settings": cache_settings(im, grid.pixels), "source": source, "shard_size": int(config.cache_shard_size),
-            "dtype": config.cache_dtype, "text_encoder": text_name}
+            "encoding": encoding}
+
+
+def _flat_signature(signature: dict[str, Any]) -> dict[str, Any]:
+    return {**signature.get("source", {}), "data.cache_shard_size": signature.get("shard_size"),
+            **signature.get("settings", {}), **signature.get("encoding", {})}
 
 
 class _CacheWriter:
@@ -232,11 +292,13 @@ class _CacheWriter:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 shapes = {k: list(f.get_slice(k).get_shape()[1:]) for k in TENSORS}
-            built = json.loads(meta.get("build", "{}"))
-            if built != self.signature:
+            built, wanted = _flat_signature(json.loads(meta.get("build", "{}"))), _flat_signature(self.signature)
+            keys = _differing(built, wanted)
+            if keys:
                 raise ValueError(
-                    f"{path} was written by a cache build with other settings ({json.dumps(built)}; now "
-                    f"{json.dumps(self.signature)}); delete {self.root} or choose another data.cache_dir"
+                    f"{path} was written by a cache build with {_describe({k: built[k] for k in keys if k in built})}; this "
+                    f"build has {_describe({k: wanted[k] for k in keys if k in wanted})}. Delete {self.root} or choose "
+                    "another data.cache_dir"
                 )
             out.append((path.name, {**meta, "shapes": shapes}))
         expected = {shard_name(window, b) for b in json.loads(out[0][1]["window_buckets"])}
@@ -310,11 +372,15 @@ def build_cache(
     seed: int = 0,
     *,
     grid: LatentGrid,
+    davae: dict[str, Any] | None = None,
 ) -> Path:
     """Encode every sample once: ``encode_images(pixels01) -> latents`` and ``text.encode(captions)``.
 
     ``grid``: the DA-VAE's latent factor and the transformer's patch size; crops (square or
     bucketed) have sides that are multiples of their product, and every latent is checked.
+    ``davae``: :func:`davae_identity` of the DA-VAE behind ``encode_images``, recorded with
+    ``text.settings`` and ``data.cache_dtype`` so that training can refuse a cache that another
+    DA-VAE, other text settings or another dtype made (the command always records it).
 
     ``records`` is the folder index (``data.images.format: folder``); streamed formats pass None
     and are read from ``data.images.sources``.  See the module docstring for the layout and restart.
@@ -332,13 +398,13 @@ def build_cache(
     grid.check_image_size(images.resolution, images.resolution, "data.images.resolution")
     root = Path(config.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
+    encoding = {"data.cache_dtype": config.cache_dtype, **text.settings, **(davae or {})}
     if cache_is_complete(root):  # rebuilding over a finished cache is fine only with the same settings
         old = json.loads((root / CACHE_INDEX).read_text())
         if old.get("version") != CACHE_VERSION:
             raise ValueError(f"{root} holds a version-{old.get('version')} cache; delete it or choose another data.cache_dir")
-        check_cache_settings(root, old["settings"], cache_settings(images, grid.pixels))
-    text_name = getattr(text, "name", type(text).__name__)
-    signature = _build_signature(config, text_name, grid)
+        check_cache_settings(root, {**old["settings"], **old["encoding"]}, {**cache_settings(images, grid.pixels), **encoding})
+    signature = _build_signature(config, encoding, grid)
     report = StreamReport()
     writer = _CacheWriter(root, config, signature, encode_images, text, device, report, np.random.default_rng(seed), grid)
     candidates = _folder_candidates(records) if records is not None else _stream_candidates(images, report)
@@ -389,7 +455,7 @@ def build_cache(
              "latent_factor": grid.latent_factor, "patch_size": grid.patch_size,
              "buckets": [list(b) for b in cache_buckets(images, grid.pixels)], "shard_size": size, "shards": [name for name, _ in shards],
              "latent_shapes": latent_shapes, "shapes": shapes, "skipped": skipped, "samples": samples,
-             "text_encoder": text_name, "dtype": config.cache_dtype}
+             "encoding": encoding}
     write_json_atomic(root / CACHE_INDEX, index, indent=None)  # last: its presence means the cache is complete
     logger.info("cache %s: %d samples in %d shards (%d windows encoded now), %d corrupt and %d too small skipped; latent shapes %s",
                 root, len(samples), len(shards), writer.encoded_windows, skipped["corrupt"], skipped["too_small"], latent_shapes)
@@ -421,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg.data.images.index_cache = str(Path(cfg.train.output_dir) / "data_index.json")
         records, _ = load_or_build_index(cfg.data.images, bucket_grid=grid.pixels)
     text = build_text_conditioner(cfg.text, cfg.model.pretrained, args.device)
-    build_cache(records, cfg.data, davae.encode, text, cfg.sampling.prompts, args.device, cfg.train.seed, grid=grid)
+    build_cache(records, cfg.data, davae.encode, text, cfg.sampling.prompts, args.device, cfg.train.seed, grid=grid,
+                davae=davae_identity(cfg.tokenizer))
 
 
 if __name__ == "__main__":

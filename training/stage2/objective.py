@@ -98,7 +98,8 @@ def flow_matching_loss(
 ) -> dict[str, torch.Tensor]:
     """One loss evaluation.  ``model_fn(x_t, t)`` returns the transformer output (t on 0-1000).
 
-    Returns ``loss`` (Eq. 13) and for logging ``base_mse``, ``detail_mse``, ``detail_weight``.
+    Returns ``loss`` (Eq. 13, with the min-SNR weight in x0 mode) and for logging ``base_mse`` and
+    ``detail_mse`` (unweighted: neither min-SNR nor w(n), as Fig. S3 plots them) and ``detail_weight``.
     """
     b = x0.shape[0]
     sigmas = sample_sigmas(b, cfg, generator, x0.device)

@@ -1,7 +1,8 @@
 """SD3 text conditioning for stage 2: ``(B, T, joint_attention_dim)`` tokens + ``(B, pooled_dim)``.
 
 Two implementations of one small interface (``encode(prompts) -> (embeds, pooled)``,
-``joint_attention_dim``, ``pooled_dim``, ``name``):
+``joint_attention_dim``, ``pooled_dim``, ``name``, ``settings``: what decides their tensors, as
+:func:`text_settings` reads it from a config):
 
 * :class:`SD3TextConditioner` - the real one: CLIP-L, CLIP-G and T5 from the local diffusers
   SD3.5 folder, combined exactly as diffusers' ``StableDiffusion3Pipeline.encode_prompt``
@@ -49,6 +50,24 @@ class TextConfig:
     standin_pooled_dim: int = 2048
 
 
+def has_t5(folder: str | Path) -> bool:
+    """Whether an SD3.5 folder holds T5 (without it the SD3 pipeline's T5 tokens are zeros)."""
+    folder = Path(folder)
+    return (folder / "text_encoder_3").is_dir() and (folder / "tokenizer_3").is_dir()
+
+
+def text_settings(cfg: TextConfig, model_folder: str = "") -> dict:
+    """What decides the text tensors a config's conditioner makes (the stage-2 cache records it);
+    each conditioner's ``settings`` says the same of itself."""
+    if cfg.kind == "hashing_standin":
+        return {"text.kind": cfg.kind, "text.standin_tokens": int(cfg.standin_tokens),
+                "text.standin_joint_attention_dim": int(cfg.standin_joint_attention_dim),
+                "text.standin_pooled_dim": int(cfg.standin_pooled_dim)}
+    dtype = dtype_from_name(cfg.dtype, "text.dtype")
+    return {"text.kind": cfg.kind, "text.max_sequence_length": int(cfg.max_sequence_length),
+            "text.dtype": str(dtype).removeprefix("torch."), "text.t5": has_t5(cfg.pretrained or model_folder)}
+
+
 class HashingTextConditioner(nn.Module):
     """TEST STAND-IN for SD3's text encoders: words -> hashed fixed random vectors.
 
@@ -69,6 +88,11 @@ class HashingTextConditioner(nn.Module):
     def _ids(self, prompt: str) -> list[int]:
         words = re.findall(r"\w+", prompt.lower())[: self.tokens]
         return [int.from_bytes(hashlib.md5(w.encode()).digest()[:4], "little") % self.buckets for w in words]
+
+    @property
+    def settings(self) -> dict:
+        return {"text.kind": self.name, "text.standin_tokens": self.tokens,
+                "text.standin_joint_attention_dim": self.joint_attention_dim, "text.standin_pooled_dim": self.pooled_dim}
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +121,9 @@ class SD3TextConditioner:
                 f"{folder}: no SD3 text encoders ({', '.join(missing)} missing). Point text.pretrained at a full "
                 "diffusers SD3.5 folder, or cache text embeddings elsewhere (data.cache_dir) and train from the cache"
             )
-        has_t5 = (folder / "text_encoder_3").is_dir() and (folder / "tokenizer_3").is_dir()
-        extra = {} if has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        if not has_t5:
+        self.t5 = has_t5(folder)
+        extra = {} if self.t5 else {"text_encoder_3": None, "tokenizer_3": None}
+        if not self.t5:
             logger.warning("%s: no T5 (text_encoder_3); its tokens are zeros, as the SD3 pipeline does without it", folder)
         self.pipe = StableDiffusion3Pipeline.from_pretrained(
             str(folder), transformer=_config_only_transformer(folder), vae=None, torch_dtype=dtype, **extra)
@@ -109,9 +133,15 @@ class SD3TextConditioner:
                 encoder.to(device).requires_grad_(False).eval()
         self.device = torch.device(device)
         self.max_sequence_length = max_sequence_length
+        self.dtype = dtype
         te2 = self.pipe.text_encoder_2.config
         self.pooled_dim = self.pipe.text_encoder.config.projection_dim + te2.projection_dim
         self.joint_attention_dim = self.pipe.transformer.config.joint_attention_dim
+
+    @property
+    def settings(self) -> dict:
+        return {"text.kind": self.name, "text.max_sequence_length": self.max_sequence_length,
+                "text.dtype": str(self.dtype).removeprefix("torch."), "text.t5": self.t5}
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from davae_core.atomic_files import write_json_atomic
 from davae_core.dtypes import dtype_from_name
@@ -48,15 +47,15 @@ from ..common import (
     setup_logging,
     write_run_config,
 )
-from ..config import add_common_arguments, load_config
+from ..config import add_common_arguments, load_config, log_global_batch
 from ..run_safety import NonFiniteGuard, OutputLock
 from ..data.buckets import BucketBatchSampler
 from ..data.images import ResumableSampler
 from ..data.loader import make_training_loader
-from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached
+from .caption_cache import CachedConditioningDataset, cache_is_complete, collate_cached, expected_encoding
 from .config import AdapterTrainConfig, load_davae_for_training
 from .latent_grid import LatentGrid, transformer_patch_size
-from ..optimizers import make_optimizer
+from ..optimizers import make_lr_scheduler, make_optimizer
 from .model import build_adapter_model, check_base_dtype, make_ema, trained_parameters, unwrap
 from .objective import drop_prompts, flow_matching_loss
 from .run_file import EMA_FILE, TRAINED_FILE, load_trained, run_info, save_trained, stock_head_state
@@ -162,12 +161,10 @@ def open_cache(cfg: AdapterTrainConfig, patch_size: int) -> CachedConditioningDa
         if cfg.data.cache_dir:
             logger.warning("data.cache_dir %s is not complete: encoding images and captions every step", cfg.data.cache_dir)
         return None
-    dataset = CachedConditioningDataset(cfg.data.cache_dir, expect=cfg.data.images, patch_size=patch_size)
+    dataset = CachedConditioningDataset(cfg.data.cache_dir, expect=cfg.data.images, patch_size=patch_size,
+                                        encoding=expected_encoding(cfg))  # built for this config's text and DA-VAE
     logger.info("training from the cache %s (%d samples in %d bucket(s), text: %s)", cfg.data.cache_dir, len(dataset),
                 len(dataset.buckets_used), dataset.text_encoder)
-    if dataset.text_encoder != cfg.text.kind:
-        logger.warning("the cache's text conditioning is %r, the config's text.kind is %r; training uses the cache's",
-                       dataset.text_encoder, cfg.text.kind)
     return dataset
 
 
@@ -217,9 +214,8 @@ def _train(cfg: AdapterTrainConfig, resume: str | None, change_learning_rate: bo
                 len(params), sum(p.numel() for p in params.values()) / 1e6, cfg.model.lora_rank, cfg.model.lora_alpha,
                 ", ".join(cfg.model.lora_targets))
     optimizer = make_optimizer(params.values(), loop)
-    # accelerate steps a prepared scheduler once per process per optimizer step
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                 num_warmup_steps=loop.lr_warmup_steps * accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, loop, accelerator.num_processes)
+    log_global_batch(loop, accelerator.num_processes)
     ema = make_ema(model, cfg.model.ema_decay)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
