@@ -14,6 +14,9 @@ run on these.  Every file is what the real thing would be, only narrow:
 ``davae/davae_tiny.safetensors``   our DA-VAE, initialised from ``sd3_vae``
 ``davae/da_heads_tiny.safetensors``  our DA heads for ``sd3_transformer`` (small random)
 ``loras/lora_tiny.safetensors``    a PEFT LoRA with ``transformer.`` keys (stock loaders)
+``controlnet/sd3_controlnet_tiny.safetensors``  an SD3 ControlNet for the same MMDiT (diffusers'
+                                   ``SD3ControlNetModel`` layout, as the SD3 ControlNets users
+                                   download; ComfyUI's ControlNet loader reads it)
 ``parity/``                          the DA-VAE in the authors' layout, and inputs with this
                                    code's outputs, for the ComfyUI-built DA-VAE to match
 ``manifest.json``                  what was written, with shapes
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel
+from diffusers import AutoencoderKL, SD3ControlNetModel, SD3Transformer2DModel
 from safetensors.torch import save_file
 
 from .checkpoint import save_davae, save_heads
@@ -66,6 +69,18 @@ def tiny_transformer(seed: int = 0) -> SD3Transformer2DModel:
     model = SD3Transformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()
     # diffusers zero-initialises some output layers; random values make every path observable
     with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def tiny_controlnet(seed: int = 0) -> SD3ControlNetModel:
+    """An SD3 ControlNet at the tiny transformer's widths (no dual attention, like SD3's)."""
+    torch.manual_seed(seed)
+    config = {k: v for k, v in TINY_TRANSFORMER_CONFIG.items() if k not in ("out_channels", "dual_attention_layers")}
+    model = SD3ControlNetModel(**config).eval()
+    with torch.no_grad():  # diffusers starts the control outputs at zero: random values make them observable
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0.0, 0.02)
@@ -178,6 +193,11 @@ def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     (out / "loras").mkdir(exist_ok=True)
     save_file(lora, str(out / "loras" / "lora_tiny.safetensors"))
     manifest["files"]["loras/lora_tiny.safetensors"] = {"tensors": len(lora), "targets": list(SD3_LORA_TARGETS)}
+
+    controlnet = tiny_controlnet(seed)
+    (out / "controlnet").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in controlnet.state_dict().items()}, str(out / "controlnet" / "sd3_controlnet_tiny.safetensors"))
+    manifest["files"]["controlnet/sd3_controlnet_tiny.safetensors"] = {"layout": "diffusers SD3ControlNetModel"}
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
