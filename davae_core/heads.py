@@ -9,6 +9,7 @@ is the same: ``(p, p, c)`` with channels fastest.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -142,7 +143,7 @@ class FusedWeightCache:
     """
 
     def __init__(self):
-        self._sources: tuple = ()
+        self._sources: tuple = ()  # weak references: a cache keeps no replaced weight alive
         self._state: Any = None
         self._value: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -152,13 +153,13 @@ class FusedWeightCache:
         hit = (
             self._value is not None
             and len(sources) == len(self._sources)
-            and all(a is b for a, b in zip(sources, self._sources))
+            and all(ref() is t for ref, t in zip(self._sources, sources))
             and self._state == state
         )
         if not hit:
             with torch.no_grad():
                 self._value = build()
-            self._sources, self._state = sources, state  # held, so identity never matches a freed tensor's heir
+            self._sources, self._state = tuple(weakref.ref(t) for t in sources), state
         return self._value
 
 
