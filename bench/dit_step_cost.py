@@ -21,6 +21,13 @@ from . import common
 from .sd3_models import SD3_TEXT_TOKENS, SD35M_CONFIG, HeadSwitch, build_comfy, build_diffusers, comfy_available, conditioning, forward
 
 NAME = "dit_step_cost"
+HEADS_NOTE = {
+    "diffusers": "fused for inference: P+P' one conv over 32 channels, O+O' one linear (davae_core.heads.Fused*)",
+    "comfy": (
+        "the node pack's own patch (patch_sd3_model: DA forwards on P and O, fused, weights made under inference "
+        "mode and loaded through ModelPatcher, so the fused-weight cache is keyed and hit as in ComfyUI)"
+    ),
+}
 # name -> (latent channels, latent side, DA heads on)
 VARIANTS = {
     "stock_1024": (16, 128, False),
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "pair_repeats": pair_repeats,
             "warmup": args.warmup,
             "ratio_clock": clock,
-            "heads": "fused for inference: P+P' one conv over 32 channels, O+O' one linear (davae_core.heads.Fused*)",
+            "heads": HEADS_NOTE[impl],
             "timing": (
                 "interleaved rounds of all three, order rotated per round, then pair_repeats more rounds of "
                 "da_1024 and stock_512 only; medians"

@@ -17,6 +17,9 @@ run on these.  Every file is what the real thing would be, only narrow:
                                    the authors' targets
 ``loras/lora_tiny_all_blocks.safetensors``  the same on every block linear (the paper's
                                    targets: context stream and ``ff.net.0.proj`` too)
+``controlnet/sd3_controlnet_tiny.safetensors``  an SD3 ControlNet for the same MMDiT (diffusers'
+                                   ``SD3ControlNetModel`` layout, as the SD3 ControlNets users
+                                   download; ComfyUI's ControlNet loader reads it)
 ``parity/``                          the DA-VAE in the authors' layout, and inputs with this
                                    code's outputs, for the ComfyUI-built DA-VAE to match
 ``manifest.json``                  what was written, with shapes
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel
+from diffusers import AutoencoderKL, SD3ControlNetModel, SD3Transformer2DModel
 from safetensors.torch import save_file
 
 from .checkpoint import save_davae, save_heads
@@ -69,6 +72,18 @@ def tiny_transformer(seed: int = 0) -> SD3Transformer2DModel:
     model = SD3Transformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()
     # diffusers zero-initialises some output layers; random values make every path observable
     with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def tiny_controlnet(seed: int = 0) -> SD3ControlNetModel:
+    """An SD3 ControlNet at the tiny transformer's widths (no dual attention, like SD3's)."""
+    torch.manual_seed(seed)
+    config = {k: v for k, v in TINY_TRANSFORMER_CONFIG.items() if k not in ("out_channels", "dual_attention_layers")}
+    model = SD3ControlNetModel(**config).eval()
+    with torch.no_grad():  # diffusers starts the control outputs at zero: random values make them observable
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0.0, 0.02)
@@ -183,6 +198,11 @@ def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
         lora = lora_state_dict(transformer, seed=seed, targets=targets)
         save_file(lora, str(out / "loras" / f"{name}.safetensors"))
         manifest["files"][f"loras/{name}.safetensors"] = {"tensors": len(lora), "targets": list(targets)}
+
+    controlnet = tiny_controlnet(seed)
+    (out / "controlnet").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in controlnet.state_dict().items()}, str(out / "controlnet" / "sd3_controlnet_tiny.safetensors"))
+    manifest["files"]["controlnet/sd3_controlnet_tiny.safetensors"] = {"layout": "diffusers SD3ControlNetModel"}
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -9,6 +9,7 @@ is the same: ``(p, p, c)`` with channels fastest.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -111,80 +112,122 @@ class DetailOutputLayer(nn.Module):
 
 
 # ------------------------------------------------------------------ fused for inference
+def fuse_embed_weights(
+    stock_weight: torch.Tensor, stock_bias: torch.Tensor, detail_weight: torch.Tensor, detail_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P and P' as one conv over C+D channels: ``[W_P | W_P']`` on the input channels, ``b_P + b_P'``."""
+    return torch.cat([stock_weight, detail_weight], dim=1), stock_bias + detail_bias
+
+
+def fuse_output_weights(
+    stock_weight: torch.Tensor, stock_bias: torch.Tensor, detail_weight: torch.Tensor, detail_bias: torch.Tensor, patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """O and O' as one linear whose rows are in per-patch latent order ``(p, p, C+D)``."""
+    pp = patch_size * patch_size
+
+    def per_patch(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(0, (pp, t.shape[0] // pp))
+
+    weight = torch.cat([per_patch(stock_weight), per_patch(detail_weight)], dim=1).flatten(0, 1)
+    bias = torch.cat([per_patch(stock_bias), per_patch(detail_bias)], dim=1).flatten()
+    return weight, bias
+
+
+class FusedWeightCache:
+    """One fused (weight, bias), kept while the weights it was built from are the same objects and
+    ``state`` (what else says the weights changed) is equal.
+
+    ``state`` None means "do not cache": the states below are None while torch.compile traces,
+    so the fusion becomes part of the graph, which reads the weights as inputs and depends on
+    no Python-side cache (no graph break, nothing stale).
+    """
+
+    def __init__(self):
+        self._sources: tuple = ()  # weak references: a cache keeps no replaced weight alive
+        self._state: Any = None
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, sources: tuple, state: Any, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+        if state is None:
+            return build()
+        hit = (
+            self._value is not None
+            and len(sources) == len(self._sources)
+            and all(ref() is t for ref, t in zip(self._sources, sources))
+            and self._state == state
+        )
+        if not hit:
+            with torch.no_grad():
+                self._value = build()
+            self._sources, self._state = tuple(weakref.ref(t) for t in sources), state
+        return self._value
+
+
 def _plain_float(t: torch.Tensor | None) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _weights_key(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple | None:
-    """Identity and version of every weight and bias, or None when fusing could change the result:
-    fp8 / quantised weights, per-call weight functions (ComfyUI low-VRAM LoRA), or training."""
-    key = [x.device, x.dtype]
+def fusable(layers: tuple[nn.Module, ...]) -> bool:
+    """Fusing gives the layers' own result: plain float weights, no per-call weight functions
+    (ComfyUI low-VRAM LoRA), and no gradients wanted (P' trains on its own, from zero)."""
     for layer in layers:
         if getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
-            return None
+            return False
         for t in (layer.weight, layer.bias):
             if not _plain_float(t) or (t.requires_grad and torch.is_grad_enabled()):
-                return None
-            try:
-                version = t._version  # bumps on in-place updates (ComfyUI patches weights in place)
-            except RuntimeError:  # inference tensors keep no version: fuse again on every call
-                return None
-            key.append((id(t), t.data_ptr(), version))
-    return tuple(key)
+                return False
+    return True
 
 
-class _FusedCache:
-    """The fused weight for the current weights, on the input's device and dtype, built once."""
-
-    def _fused(self, x: torch.Tensor, build: Callable[[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]]):
-        key = _weights_key((self.stock, self.detail), x)
-        if key is None:
-            return build(x.device, x.dtype)
-        if getattr(self, "_fused_key", None) != key:
-            with torch.no_grad():
-                self._fused_weights = build(x.device, x.dtype)
-            self._fused_key = key
-        return self._fused_weights
+def _eager_state(tensors: tuple[torch.Tensor, ...], x: torch.Tensor) -> tuple | None:
+    """Plain PyTorch, eager: the tensors' storage and versions (``.data`` swaps change the one,
+    optimizers and in-place edits bump the other); None, so no caching, for tensors made under
+    inference mode, which keep no version, and while torch.compile traces.  ComfyUI's loaders
+    make inference tensors: the node pack keys its cache on ComfyUI's patch state instead."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+        return None
+    return (x.device, x.dtype, *((t.data_ptr(), t._version) for t in tensors))
 
 
-class FusedPatchEmbed(_FusedCache, DetailPatchEmbed):
-    """P and P' as one conv over C+D channels: weight ``[W_P | W_P']`` on the input channels,
-    bias ``b_P + b_P'``.  Inference only (the fused weight is a copy: no gradients reach P').
+class FusedPatchEmbed(DetailPatchEmbed):
+    """P and P' as one conv over C+D channels (:func:`fuse_embed_weights`).  Inference only (the
+    fused weight is a copy: no gradients reach P').
 
     Equal to :class:`DetailPatchEmbed` up to the order of one sum: that adds two convolutions'
     outputs, this sums all C+D input channels in one reduction (a few fp32 ulps apart).
     """
 
-    def _build(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cast = lambda t: t.to(device, dtype)  # noqa: E731
-        weight = torch.cat([cast(self.stock.weight), cast(self.detail.weight)], dim=1)
-        return weight, cast(self.stock.bias) + cast(self.detail.bias)
+    def __init__(self, stock: nn.Module, detail: nn.Module, base_channels: int):
+        super().__init__(stock, detail, base_channels)
+        self.fused_cache = FusedWeightCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.base_channels + self.detail.weight.shape[1]:
-            return super().forward(x)  # let the stock layer name the wrong channel count
-        weight, bias = self._fused(x, self._build)
+        if x.shape[1] != self.base_channels + self.detail.weight.shape[1] or not fusable((self.stock, self.detail)):
+            return super().forward(x)  # the stock layer names a wrong channel count
+        tensors = (self.stock.weight, self.stock.bias, self.detail.weight, self.detail.bias)
+        weight, bias = self.fused_cache.get(tensors, _eager_state(tensors, x), lambda: fuse_embed_weights(*(t.to(x) for t in tensors)))
         return nn.functional.conv2d(x, weight, bias, stride=self.stock.stride, padding=self.stock.padding)
 
 
-class FusedOutputLayer(_FusedCache, DetailOutputLayer):
-    """O and O' as one linear whose rows are already in per-patch latent order ``(p, p, C+D)``.
+class FusedOutputLayer(DetailOutputLayer):
+    """O and O' as one linear whose rows are already in per-patch latent order (:func:`fuse_output_weights`).
 
     Every output is the same dot product as in :class:`DetailOutputLayer`, only the rows are
     interleaved, so the result is the same and no split/concatenate runs per step.
     """
 
-    def _build(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        def per_patch(t: torch.Tensor, channels: int) -> torch.Tensor:
-            return t.to(device, dtype).unflatten(0, (self.pp, channels))
-
-        c, d = self.base_channels, self.detail_channels
-        weight = torch.cat([per_patch(self.stock.weight, c), per_patch(self.detail.weight, d)], dim=1).flatten(0, 1)
-        bias = torch.cat([per_patch(self.stock.bias, c), per_patch(self.detail.bias, d)], dim=1).flatten()
-        return weight, bias
+    def __init__(self, stock: nn.Module, detail: nn.Module, patch_size: int, base_channels: int, detail_channels: int):
+        super().__init__(stock, detail, patch_size, base_channels, detail_channels)
+        self.patch_size = patch_size
+        self.fused_cache = FusedWeightCache()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._fused(h, self._build)
+        if not fusable((self.stock, self.detail)):
+            return super().forward(h)
+        tensors = (self.stock.weight, self.stock.bias, self.detail.weight, self.detail.bias)
+        weight, bias = self.fused_cache.get(
+            tensors, _eager_state(tensors, h), lambda: fuse_output_weights(*(t.to(h) for t in tensors), self.patch_size)
+        )
         return nn.functional.linear(h, weight, bias)
 
 

@@ -5,9 +5,9 @@
 The tiny SD3.5-like transformer of the fixtures is trained for a few steps (LoRA, P, P', O, O'
 all move), exported with :mod:`davae_training.stage2.export`, then loaded into ComfyUI the way
 a user's graph does it: the stock weights through ``comfy.sd.load_diffusion_model_state_dict``,
-the LoRA through ComfyUI's own ``comfy.sd.load_lora_for_models``, and the heads file attached
-as object patches built from :mod:`davae_core.heads` (what the node pack does; the pack itself
-is not imported here).  Both models then predict on the same 32-channel latent.
+the LoRA through ComfyUI's own ``comfy.sd.load_lora_for_models``, and the heads file through
+the node pack's own patch (``patch_sd3_model``, the pack loaded as ComfyUI loads it).  Both
+models then predict on the same 32-channel latent.
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ def _comfy_root() -> Path:
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    root = _comfy_root()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
+def comfy(fixtures_dir):
+    _comfy_root()
+    import comfyui_harness
 
-    comfy.cli_args.args.cpu = True
+    comfyui_harness.boot(Path(fixtures_dir))  # ComfyUI on CPU with the node pack loaded
     import comfy.lora
     import comfy.model_management
     import comfy.sd
@@ -85,8 +83,7 @@ def trained(tmp_path_factory, request):
 def _comfy_model_with_exports(comfy, trained, caplog):
     from safetensors.torch import load_file
 
-    from davae_core.checkpoint import load_heads
-    from davae_core.heads import DetailOutputLayer, DetailPatchEmbed
+    import comfyui_harness
 
     sd = {k: v.clone() for k, v in trained["base_state"].items()}  # ComfyUI's conversion edits what it is given
     patcher = comfy.sd.load_diffusion_model_state_dict(sd)
@@ -97,15 +94,9 @@ def _comfy_model_with_exports(comfy, trained, caplog):
     not_loaded = [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage()]
     assert not not_loaded, f"ComfyUI dropped LoRA keys: {not_loaded[:3]}"
 
-    heads = load_heads(trained["files"]["heads"])
+    heads = comfyui_harness.pack_module("nodes.da_files").load_heads_file(str(trained["files"]["heads"]))
     assert heads.base_embed is not None and heads.base_out is not None, "trained P and O must be in the heads file"
-    cfg = heads.config
-    dm = "diffusion_model"
-    patched.add_object_patch(f"{dm}.x_embedder.proj", DetailPatchEmbed(heads.base_embed, heads.detail_embed, cfg.base_channels))
-    patched.add_object_patch(f"{dm}.final_layer.linear", DetailOutputLayer(
-        heads.base_out, heads.detail_out, cfg.patch_size, cfg.base_channels, cfg.detail_channels))
-    patched.add_object_patch(f"{dm}.out_channels", cfg.base_channels + cfg.detail_channels)
-    return patched, lora
+    return comfyui_harness.pack_module("nodes.sd3_model_patch").patch_sd3_model(patched, heads, "trained heads"), lora
 
 
 def test_every_exported_lora_key_is_applied_by_comfyui(comfy, trained, caplog):

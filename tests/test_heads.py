@@ -132,3 +132,19 @@ def test_fused_heads_refit_after_an_in_place_weight_change_and_fall_back_when_tr
     # gradients on: the unfused path runs, so P' trains
     fused.pos_embed.proj(x).sum().backward()
     assert fused.pos_embed.proj.detail.weight.grad is not None
+
+
+def test_fused_heads_trace_whole_under_torch_compile():
+    """While torch.compile traces, the fused-weight cache steps aside (no data_ptr/_version
+    keys, no Python-side state in the graph): fullgraph tracing succeeds, results equal eager."""
+    _, fused = _fused_pair(1)
+    embed, out = fused.pos_embed.proj, fused.proj_out
+    gen = torch.Generator().manual_seed(4)
+    x, h = torch.randn(1, 32, 8, 8, generator=gen), torch.randn(1, 16, 128, generator=gen)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = (torch.compile(embed, backend="eager", fullgraph=True), torch.compile(out, backend="eager", fullgraph=True))
+        assert torch.allclose(compiled[0](x), embed(x), atol=1e-6) and torch.allclose(compiled[1](h), out(h), atol=1e-6)
+        embed.detail.weight.add_(1.0)  # the graph reads the weights as inputs: nothing stale
+        assert torch.allclose(compiled[0](x), embed(x), atol=1e-5)
+    torch._dynamo.reset()

@@ -237,26 +237,25 @@ def test_patching_twice_does_not_stack_heads(tiny_model, fixtures_dir):
 
     comfy.model_management.unload_all_models()  # sampling leaves the last patched clone applied
     patched = _patch(_patch(tiny_model, _heads_file(fixtures_dir)))
-    embed = patched.object_patches[harness.pack_module("nodes.sd3_model_patch").EMBED_KEY]
-    assert embed.stock is tiny_model.model.diffusion_model.x_embedder.proj
+    embed = patched.object_patches[harness.pack_module("nodes.sd3_model_patch").EMBED_FORWARD_KEY]
+    assert embed.layer is tiny_model.model.diffusion_model.x_embedder.proj
 
 
-def test_patch_uses_fused_heads_equal_to_the_unfused_sum(tiny_model, fixtures_dir):
-    """The node's P+P' / O+O' are one conv / one linear; sampling matches the unfused wrappers
-    to fp32 rounding (the fused conv sums 32 channels in one reduction, not 16 + 16)."""
+def test_patch_uses_fused_heads_equal_to_the_unfused_sum(tiny_model, fixtures_dir, monkeypatch):
+    """The node's P+P' / O+O' are one conv / one linear; sampling matches the unfused forwards
+    (the stock layers' own forward beside P', O') to fp32 rounding (the fused conv sums 32
+    channels in one reduction, not 16 + 16)."""
     patch = harness.pack_module("nodes.sd3_model_patch")
-    core = harness.pack_module("davae_core.heads")
+    da_forward = harness.pack_module("nodes.da_forward")
     fused = _patch(tiny_model, _heads_file(fixtures_dir))
-    embed, out = fused.object_patches[patch.EMBED_KEY], fused.object_patches[patch.OUTPUT_KEY]
-    assert isinstance(embed, core.FusedPatchEmbed) and isinstance(out, core.FusedOutputLayer)
-    unfused = fused.clone()
-    unfused.add_object_patch(patch.EMBED_KEY, core.DetailPatchEmbed(embed.stock, embed.detail, embed.base_channels))
-    unfused.add_object_patch(
-        patch.OUTPUT_KEY, core.DetailOutputLayer(out.stock, out.detail, 2, out.base_channels, out.detail_channels)
-    )
+    embed, out = fused.object_patches[patch.EMBED_FORWARD_KEY], fused.object_patches[patch.OUTPUT_FORWARD_KEY]
+    assert isinstance(embed, da_forward.DAEmbedForward) and isinstance(out, da_forward.DAOutputForward)
     gen = torch.Generator().manual_seed(8)
     latent, noise = torch.randn(1, 32, 16, 16, generator=gen), torch.randn(1, 32, 16, 16, generator=gen)
-    a, b = _sample(fused, latent, noise), _sample(unfused, latent, noise)
+    a = _sample(fused, latent, noise)
+    assert embed.fused_cache._value is not None and out.fused_cache._value is not None  # the fused path ran
+    monkeypatch.setattr(da_forward, "fusable", lambda layers: False)
+    b = _sample(fused, latent, noise)
     assert not torch.equal(a[:, 16:], torch.zeros_like(a[:, 16:]))
     assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
@@ -294,7 +293,7 @@ def test_patched_model_samples_in_half_precision(comfy, fixtures_dir, dtype):
     path = str(Path(fixtures_dir) / "checkpoints" / "sd3_tiny.safetensors")
     model = comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype})
     patched = _patch(model, _heads_file(fixtures_dir))
-    embed = patched.object_patches[harness.pack_module("nodes.sd3_model_patch").EMBED_KEY]
+    embed = patched.object_patches[harness.pack_module("nodes.sd3_model_patch").EMBED_FORWARD_KEY]
     assert embed.detail.weight.dtype == dtype
     gen = torch.Generator().manual_seed(6)
     out = _sample(patched, torch.zeros(1, 32, 8, 8), torch.randn(1, 32, 8, 8, generator=gen), steps=2)
