@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 
-def _byte_level_clip_tokenizer(folder: Path):
+def byte_level_clip_tokenizer(folder: Path):
     """CLIP's byte-level BPE with no merges: every character is a token (vocab of 514)."""
     from transformers import CLIPTokenizer
 
@@ -42,7 +42,7 @@ def _byte_level_clip_tokenizer(folder: Path):
     return tok
 
 
-def _character_t5_tokenizer(folder: Path):
+def character_t5_tokenizer(folder: Path):
     """A unigram tokenizer over single characters, in T5's layout (pad 0, eos 1, unk 2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
@@ -73,7 +73,7 @@ def tiny_text_encoders(joint_attention_dim: int = 64, pooled_dim: int = 32, seed
     parts: dict = {"text_encoder_3": None, "tokenizer_3": None}
     with tempfile.TemporaryDirectory() as tmp:
         for sub in ("", "_2"):
-            tok = _byte_level_clip_tokenizer(Path(tmp) / f"tokenizer{sub}")
+            tok = byte_level_clip_tokenizer(Path(tmp) / f"tokenizer{sub}")
             cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=joint_attention_dim // 2,
                                  intermediate_size=2 * joint_attention_dim, num_hidden_layers=2, num_attention_heads=2,
                                  max_position_embeddings=77, projection_dim=pooled_dim // 2, bos_token_id=tok.bos_token_id,
@@ -81,7 +81,7 @@ def tiny_text_encoders(joint_attention_dim: int = 64, pooled_dim: int = 32, seed
             parts[f"tokenizer{sub}"] = tok
             parts[f"text_encoder{sub}"] = CLIPTextModelWithProjection(cfg).eval()
         if with_t5:
-            tok = _character_t5_tokenizer(Path(tmp) / "tokenizer_3")
+            tok = character_t5_tokenizer(Path(tmp) / "tokenizer_3")
             cfg = T5Config(vocab_size=len(tok), d_model=joint_attention_dim, d_ff=2 * joint_attention_dim,
                            d_kv=joint_attention_dim // 2, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1,
                            decoder_start_token_id=0)

@@ -226,11 +226,11 @@ def _write_tiny_flux_pipeline(folder: Path) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from davae_training.stage2.text_conditioning import _byte_level_clip_tokenizer, _character_t5_tokenizer
+    from davae_testing.tiny_sd3_pipeline import byte_level_clip_tokenizer, character_t5_tokenizer
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        clip_tok, t5_tok = _byte_level_clip_tokenizer(Path(tmp) / "clip"), _character_t5_tokenizer(Path(tmp) / "t5")
+        clip_tok, t5_tok = byte_level_clip_tokenizer(Path(tmp) / "clip"), character_t5_tokenizer(Path(tmp) / "t5")
         clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=clip_tok.bos_token_id,
                                             eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id))
