@@ -42,16 +42,26 @@ def test_stage2_configs_pass_preflight_at_toy_width(config):
     assert result["peak_memory_bytes"] > 0 and len(result["step_seconds"]) == 2
     assert 0 < result["params_trained"] < result["params_total"]
     # the architecture's pattern survives the toy width: SD3.5-M has dual attention in block 0, SD3.5-L none
-    from davae_training.architectures import TRANSFORMERS
+    from davae_training.stage2.architectures import TRANSFORMERS
+
+    from davae_training.config import load_config
+    from davae_training.stage2.config import AdapterTrainConfig
 
     arch = "sd35l" if "sd35l" in config else "sd35m"
     assert result["model"].startswith(arch)
-    assert result["latent_shape"] == [1, 32, 4, 4]
+    cfg = load_config(AdapterTrainConfig, CONFIGS / config)
+    assert result["latent_shape"] == [cfg.train.batch_size, 32, 4, 4]  # the config's real micro-batch
     assert bool(TRANSFORMERS[arch]["dual_attention_layers"]) == (arch == "sd35m")
+    # without a latent cache the frozen DA-VAE encodes every step: its weights and the encode's transient are reported
+    assert result["encodes_images"] == (not cfg.data.cache_dir)
+    if result["encodes_images"]:
+        assert result["davae_weights_bytes"] > 0 and result["encode_transient_bytes"] > 0
+        assert result["encode_batch_size"] == cfg.data.encode_batch_size
+        assert "DA-VAE encode per step" in lines[0]
 
 
 def test_sd35l_config_names_the_large_widths():
-    from davae_training.architectures import hidden_size, transformer_config
+    from davae_training.stage2.architectures import hidden_size, transformer_config
     from davae_training.config import load_config
     from davae_training.stage2.config import AdapterTrainConfig
 
@@ -125,7 +135,7 @@ def test_unknown_optimizer_is_refused():
 def test_single_file_checkpoint_loads_as_the_diffusers_transformer(fixtures_dir):
     from diffusers import SD3Transformer2DModel
 
-    from davae_training.sd35_single_file import load_single_file_transformer
+    from davae_training.stage2.sd35_single_file import load_single_file_transformer
 
     single = load_single_file_transformer(fixtures_dir / "checkpoints" / "sd3_tiny.safetensors")
     folder = SD3Transformer2DModel.from_pretrained(fixtures_dir / "sd3_transformer")
@@ -154,7 +164,7 @@ def test_stage2_model_builds_from_a_single_file(fixtures_dir):
 def test_a_file_without_mmdit_tensors_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from davae_training.sd35_single_file import load_single_file_transformer
+    from davae_training.stage2.sd35_single_file import load_single_file_transformer
 
     path = tmp_path / "vae_only.safetensors"
     save_file({"first_stage_model.x": torch.zeros(1)}, str(path))
@@ -211,6 +221,36 @@ def test_flop_counter_counts_on_meta_tensors():
     flops, saved = count(lambda: layer(x).sum().backward())
     assert flops == 2 * (2 * 3 * 100 * 200)  # forward and the weight gradient (x needs no gradient)
     assert saved >= 3 * 100 * 4  # the input, kept for the weight gradient
+
+
+def test_plan_counts_the_davae_and_its_encode_when_a_config_has_no_latent_cache(monkeypatch):
+    """sd35m_1024 encodes 16 images at 1024 px per micro-batch: the DA-VAE's weights and the transient of one
+    encode pass (data.encode_batch_size images, in the autocast dtype) are in the memory estimate."""
+    import bench.plan as plan
+    from davae_training.config import load_config
+    from davae_training.stage2.config import AdapterTrainConfig
+
+    cfg = load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024.yaml")
+    assert not cfg.data.cache_dir and cfg.train.batch_size == 16
+    bf16 = plan.davae_encode_memory(cfg, torch.bfloat16)
+    assert 0.4 * 2**30 < bf16["davae_weights"] < 0.5 * 2**30  # ~110M float32 values
+    fp32 = plan.davae_encode_memory(cfg, torch.float32)
+    cfg.data.encode_batch_size = 16  # the whole micro-batch at once, in fp32: what the trainer used to do
+    whole = plan.davae_encode_memory(cfg, torch.float32)
+    assert whole["encode_transient"] > 30 * 2**30  # tens of GB
+    assert 3.5 < whole["encode_transient"] / fp32["encode_transient"] < 4.5  # 4x the images per pass
+    assert bf16["encode_transient"] < 0.8 * fp32["encode_transient"]  # in the autocast dtype
+
+    monkeypatch.setattr(plan, "count", lambda fn: (1, 2**30))  # the transformer's pass is not what this test is about
+    monkeypatch.setattr(plan, "davae_encode_flops", lambda resolution: 1)
+    entry = plan.stage2_plan("sd35m_1024", load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024.yaml"))
+    memory = entry["memory_bytes"]
+    assert memory["davae_weights"] == bf16["davae_weights"] and memory["encode_transient"] == bf16["encode_transient"]
+    static = sum(v for k, v in memory.items() if k not in ("activations_per_sample", "activations_micro_batch", "encode_transient",
+                                                          "total_estimate"))
+    assert memory["total_estimate"] == static + max(memory["activations_micro_batch"], memory["encode_transient"])
+    cached = plan.stage2_plan("cached", load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024.yaml", ["data.cache_dir=c"]))
+    assert "davae_weights" not in cached["memory_bytes"] and "encode_transient" not in cached["memory_bytes"]
 
 
 def test_sampling_plan_ratios_at_full_size():

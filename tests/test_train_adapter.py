@@ -30,6 +30,7 @@ from davae_training.stage2.model import (
     trained_parameters,
 )
 from davae_training.stage2.objective import FlowObjectiveConfig, flow_matching_loss
+from run_safety_helpers import DAMAGES, copy_run, damage, reset_accelerate, resolve_latest_logging, write_lock
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "adapter_tiny.yaml"
@@ -257,8 +258,10 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
     def forbidden(*a, **k):
         raise AssertionError("training from a complete cache must not load the VAE or a text encoder")
 
-    monkeypatch.setattr(ta, "load_davae_for_training", forbidden)
-    monkeypatch.setattr(ta, "build_text_conditioner", forbidden)
+    import davae_training.stage2.conditioning as conditioning
+
+    monkeypatch.setattr(conditioning, "load_davae_for_training", forbidden)
+    monkeypatch.setattr(conditioning, "build_text_conditioner", forbidden)
     args = _overrides(tmp_path / "run", sd35_folder, fixtures_dir, images, "train.max_steps=2", "train.checkpoint_every=0",
                       f"data.cache_dir={cache}", "tokenizer.path=''", "export.enabled=false")
     cfg = load_config(AdapterTrainConfig, TINY_CONFIG, args[1::2])
@@ -271,11 +274,38 @@ def test_training_from_the_cache_touches_neither_vae_nor_text_encoder(tmp_path, 
     assert summary["step"] == 2 and summary["last_logged"]["loss"] > 0
 
 
+def test_uncached_encode_runs_in_chunks_under_the_steps_autocast(tmp_path, sd35_folder, fixtures_dir, images, monkeypatch):
+    """Without a latent cache the DA-VAE encodes data.encode_batch_size images per pass, in bf16 under
+    train.mixed_precision=bf16 (one fp32 pass over a micro-batch of 16 at 1024 px holds tens of GB)."""
+    import davae_training.stage2.trainer as ta
+    from davae_core.davae_model import DAVAE
+    from davae_training.config import load_config
+    from davae_training.stage2.config import AdapterTrainConfig
+
+    calls = []
+    encode = DAVAE.encode
+
+    def spy(self, image, *a, **k):
+        calls.append((image.shape[0], torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return encode(self, image, *a, **k)
+
+    monkeypatch.setattr(DAVAE, "encode", spy)
+    cfg = load_config(AdapterTrainConfig, TINY_CONFIG, _overrides(
+        tmp_path / "run", sd35_folder, fixtures_dir, images, "train.max_steps=1", "train.batch_size=3", "data.encode_batch_size=2",
+        "train.mixed_precision=bf16", "train.checkpoint_every=0", "export.enabled=false", "train.gradient_checkpointing=false")[1::2])
+    try:
+        summary = ta.train(cfg)
+    finally:
+        reset_accelerate()
+    assert summary["step"] == 1
+    assert [n for n, _, _ in calls] == [2, 1], calls  # the micro-batch of 3 in passes of 2
+    assert all(on and dtype == torch.bfloat16 for _, on, dtype in calls), calls
+
+
 # ---------------------------------------------------------------------------- run safety (issue 16)
-from run_safety_helpers import DAMAGES, copy_run, damage, reset_accelerate, resolve_latest_logging, write_lock  # noqa: E402
 
 STAGE2_FILES = {"weights": "adapter_trained.safetensors", "ema": "adapter_trained_ema.safetensors",
-                "optimizer": "optimizer.bin", "state": "trainer_state.json"}
+                "optimizer": "optimizer.safetensors", "state": "trainer_state.json"}
 SAFETY_COMMON = ("train.max_steps=4", "train.checkpoint_every=2", "train.checkpoints_total_limit=5", "objective.detail_warmup_steps=3")
 
 
@@ -322,8 +352,8 @@ def test_stage2_fallback_resume_ends_bit_identical(stage2_run, sd35_folder, fixt
 def test_stage2_resume_refuses_config_changes_that_break_it(stage2_run, sd35_folder, fixtures_dir, images, override, key):
     import re
 
-    from davae_training.common import plan_resume
-    from davae_training.run_safety import ResumeConfigError
+    from davae_training.checkpoints import plan_resume
+    from davae_training.checkpoints import ResumeConfigError
 
     with pytest.raises(ResumeConfigError, match=re.escape(key)):
         plan_resume("latest", _cfg(stage2_run, sd35_folder, fixtures_dir, images, override))
@@ -345,13 +375,15 @@ def test_stage2_new_learning_rate_applied_nonfinite_stop_and_skip(stage2_run, sd
     assert summary["step"] == 5 and summary["last_logged"]["lr"] == pytest.approx(5e-4, rel=1e-9)
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["learning_rate"] == 5e-4
 
-    original = ta.flow_matching_loss
+    import davae_training.stage2.step as stage2_step
+
+    original = stage2_step.flow_matching_loss
 
     def poisoned(model_fn, latents, step, *a, **k):
         losses = original(model_fn, latents, step, *a, **k)
         return {**losses, "loss": losses["loss"] * float("nan")} if step + 1 == 5 else losses
 
-    monkeypatch.setattr(ta, "flow_matching_loss", poisoned)
+    monkeypatch.setattr(stage2_step, "flow_matching_loss", poisoned)
     stop = copy_run(stage2_run, tmp_path / "stop", drop=("final", "export"))
     try:
         with pytest.raises(NonFiniteError, match="at step 5.*Last good checkpoint: .*checkpoint-00000004"):

@@ -1,4 +1,4 @@
-"""The optimizer a trainer's ``train.optimizer`` names: torch AdamW or bitsandbytes' 8-bit AdamW.
+"""The optimizer a trainer's ``train.optimizer`` names (torch AdamW or bitsandbytes' 8-bit AdamW) and its lr schedule.
 
 8-bit AdamW keeps both Adam moments in one byte each (blockwise quantised), 2 bytes per
 trained value instead of 8; for stage 2's ~230M LoRA values at rank 256 that is ~0.5 GB
@@ -42,6 +42,17 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], loop) -> torch.optim.Op
 
         return bnb.optim.AdamW8bit(list(params), **kwargs)
     return torch.optim.AdamW(list(params), **kwargs)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, loop, num_processes: int):
+    """The learning-rate schedule of ``loop`` (constant after a linear warm-up of ``lr_warmup_steps``).
+
+    The loop kit has accelerate prepare it, and accelerate steps a prepared scheduler once per
+    process per optimizer step: step counts are multiplied by ``num_processes``.
+    """
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=loop.lr_warmup_steps * num_processes)
 
 
 def optimizer_state_bytes_per_value(name: str) -> int:
