@@ -196,3 +196,33 @@ def test_a_stage1_micro_batch_reads_nothing_back_from_the_device(fixtures_dir):
     assert calls["n"] == 0
     assert {"loss/total", "loss/gan_g", "loss/gan_d"} <= set(logs) and all(torch.is_tensor(v) for v in logs.values())
     assert any(p.grad is not None for p in model.discriminator.parameters())  # D's loss reached D
+
+
+# ---------------------------------------------------------------------------- DeepSpeed: the run config decides
+def test_deepspeed_takes_the_run_configs_batch_accumulation_and_clipping():
+    from davae_training.config import TrainLoopConfig
+    from davae_training.loop import configure_deepspeed
+
+    ds = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+          "train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": True}}
+    configure_deepspeed(ds, TrainLoopConfig(batch_size=4, gradient_accumulation_steps=8, max_grad_norm=0.5, mixed_precision="bf16"), 2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 8, 64)
+    assert ds["gradient_clipping"] == 0.5
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # fp32 weights in the model; the kit autocasts
+
+
+def test_deepspeed_refuses_what_it_cannot_honour_instead_of_overriding_the_run_config():
+    from davae_training.config import ConfigError, TrainLoopConfig
+    from davae_training.loop import configure_deepspeed
+
+    # what the shipped deepspeed_zero2.yaml used to say: accumulation 1 beats a one-GPU run's 8, an eighth of the batch
+    ds = {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+    train = TrainLoopConfig(gradient_accumulation_steps=8, max_grad_norm=1.0, on_nonfinite="skip", mixed_precision="fp16")
+    with pytest.raises(ConfigError) as refused:
+        configure_deepspeed(ds, train, 1)
+    message = str(refused.value)
+    for expected in ("gradient_accumulation_steps=1, the run config train.gradient_accumulation_steps=8", "ZeRO stage 3",
+                     "train.on_nonfinite=skip", "fp16"):
+        assert expected in message, message
+    assert "gradient_clipping" not in message  # 1.0 == train.max_grad_norm: no conflict
+    assert ds["gradient_accumulation_steps"] == 1  # nothing written when refused

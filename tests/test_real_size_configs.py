@@ -175,6 +175,7 @@ def test_a_file_without_mmdit_tensors_is_refused(tmp_path):
 # ---------------------------------------------------------------------------- accelerate configs
 @pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])
 def test_accelerate_config_files_parse(name, kind):
+    """The shipped launch configs (tests/test_engines.py runs each of them, on CPUs)."""
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
     cfg = load_config_from_file(str(ACCELERATE / f"{name}.yaml"))
@@ -183,32 +184,10 @@ def test_accelerate_config_files_parse(name, kind):
     assert cfg.num_processes == 8
     if kind == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == 2
+        # the run config decides accumulation and clipping: a value here would override it
+        assert "gradient_accumulation_steps" not in cfg.deepspeed_config and "gradient_clipping" not in cfg.deepspeed_config
     if kind == "FSDP":
-        from diffusers.models.transformers.transformer_sd3 import JointTransformerBlock
-
-        assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == JointTransformerBlock.__name__
-
-
-def test_ddp_config_launches_two_processes_on_cpu(tmp_path, fixtures_dir):
-    """accelerate launch --config_file ddp.yaml on this CPU: gloo, 2 ranks, identical trained weights."""
-    images = tmp_path / "images"
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox\na bowl of ramen\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "davae_training.data.synthetic", "--generator", "standin", "--prompts", str(prompts),
-                        "--out", str(images), "--resolution", "64", "--per-prompt", "2"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = tmp_path / "run"
-    sets = [f"train.output_dir={out}", f"model.pretrained={fixtures_dir / 'sd3_transformer'}",
-            f"tokenizer.path={fixtures_dir / 'davae' / 'davae_tiny.safetensors'}", f"data.images.sources=[{images}]",
-            "data.images.resolution=64", "train.report_to=none", "model.lora_rank=4", "model.lora_alpha=4", "train.max_steps=2",
-            "train.checkpoint_every=0", "export.enabled=false", "train.image_every=0", "train.mixed_precision=no"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml"), "--num_processes", "2",
-           "--mixed_precision", "no", "-m", "davae_training.train_adapter", "--config", str(CONFIGS / "adapter_tiny.yaml")]
-    r = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    summary = json.loads((out / "final" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["ranks_in_sync"], summary
+        assert cfg.fsdp_config["fsdp_version"] == 2  # the trainers name the blocks FSDP2 shards
 
 
 # ---------------------------------------------------------------------------- cost plan

@@ -91,7 +91,7 @@ from .runtime import (
     seed_everything,
     setup_logging,
 )
-from .sharding import full_tensor, gather_whole, load_whole_
+from .sharding import full_tensor, gather_whole, load_whole_, reshard
 
 OPTIMIZER_FILE = "optimizer.safetensors"  # per-parameter optimizer state, whole tensors by parameter name
 OPTIMIZER_META = "optimizer.json"  # param groups, non-tensor state, the lr schedule
@@ -151,6 +151,7 @@ class TrainedModel:
         if not use or self.ema is None:
             yield
             return
+        reshard(self.network)  # the sharded parameters, not whole copies a forward pass left behind
         params = list(self.trained_parameters().values())
         with torch.no_grad():
             raw = [p.detach().clone() for p in params]
@@ -158,6 +159,7 @@ class TrainedModel:
         try:
             yield
         finally:
+            reshard(self.network)  # a forward pass inside may have left FSDP's root whole, holding the EMA
             with torch.no_grad():
                 for p, r in zip(params, raw):
                     p.copy_(r)
@@ -257,35 +259,7 @@ class Engine:
                 raise ConfigError(f"train.optimizer={train.optimizer} keeps quantised state that FSDP cannot shard; "
                                   "use train.optimizer=adamw with FSDP")
         if self.deepspeed:
-            self._configure_deepspeed(state.deepspeed_plugin)
-
-    def _configure_deepspeed(self, plugin) -> None:
-        train, ds = self.train, plugin.deepspeed_config
-        problems = []
-        stage = int(ds.get("zero_optimization", {}).get("stage", plugin.zero_stage))
-        if stage > 2:
-            problems.append(f"ZeRO stage {stage} shards the parameters in DeepSpeed's own format, which the checkpoints, EMA and "
-                            "export cannot read: use ZeRO-2, or FSDP (training/accelerate/fsdp.yaml) to shard parameters")
-        if train.on_nonfinite == "skip":
-            problems.append("train.on_nonfinite=skip: DeepSpeed applies the optimizer step inside backward, so a step cannot be "
-                            "skipped; use train.on_nonfinite=stop, or DDP/FSDP")
-        if train.mixed_precision == "fp16":
-            problems.append("train.mixed_precision=fp16 needs loss scaling, which this trainer does not run under DeepSpeed; use bf16")
-        wanted = {"gradient_accumulation_steps": train.gradient_accumulation_steps, "gradient_clipping": train.max_grad_norm or 0.0}
-        for key, want in wanted.items():
-            given = ds.get(key, "auto")
-            if given != "auto" and float(given) != float(want):
-                problems.append(f"the DeepSpeed config sets {key}={given}, the run config {want} "
-                                f"(train.{'gradient_accumulation_steps' if key.startswith('gradient_acc') else 'max_grad_norm'}): "
-                                f"remove {key} from the accelerate config, the run config decides")
-        if problems:
-            raise ConfigError("DeepSpeed cannot run this config as asked:\n  " + "\n  ".join(problems))
-        ds.update(wanted)
-        ds["train_micro_batch_size_per_gpu"] = train.batch_size
-        ds["train_batch_size"] = train.batch_size * train.gradient_accumulation_steps * self.accelerator.num_processes
-        # fp32 master weights stay in the module (the EMA and the checkpoints read them); the kit autocasts
-        ds["bf16"] = {"enabled": False}
-        ds["fp16"] = {"enabled": False}
+            configure_deepspeed(state.deepspeed_plugin.deepspeed_config, train, self.accelerator.num_processes)
 
     # ------------------------------------------------------------ per micro-batch
     def generator(self, micro: int = 0) -> torch.Generator:
@@ -416,6 +390,7 @@ class Engine:
     def fill_checkpoint(self, folder: Path) -> None:
         """Whole tensors into ``folder`` (every rank gathers; the main process writes)."""
         acc, model = self.accelerator, self.model
+        reshard(model.network)
         weights = gather_whole(model.checkpoint_tensors())
         ema = gather_whole(model.ema_tensors())
         optimizer, meta = ({}, {}) if self.deepspeed else optimizer_state(self.optimizer, self.params)
@@ -474,6 +449,36 @@ class Engine:
             step = int((f.metadata() or {}).get("optimization_step", 0))
         load_whole_(self.model.ema_tensors(), load_file(str(path)), str(path))
         self.model.ema.optimization_step = step
+
+
+def configure_deepspeed(ds: dict[str, Any], train: TrainLoopConfig, num_processes: int) -> None:
+    """Write the run config's micro-batch, accumulation and clipping into DeepSpeed's config ``ds``; refuse what
+    DeepSpeed cannot honour, and a value the accelerate config sets that differs from the run config."""
+    problems = []
+    stage = int(ds.get("zero_optimization", {}).get("stage", 2))
+    if stage > 2:
+        problems.append(f"ZeRO stage {stage} shards the parameters in DeepSpeed's own format, which the checkpoints, EMA and "
+                        "export cannot read: use ZeRO-2, or FSDP (training/accelerate/fsdp.yaml) to shard parameters")
+    if train.on_nonfinite == "skip":
+        problems.append("train.on_nonfinite=skip: DeepSpeed applies the optimizer step inside backward, so a step cannot be "
+                        "skipped; use train.on_nonfinite=stop, or DDP/FSDP")
+    if train.mixed_precision == "fp16":
+        problems.append("train.mixed_precision=fp16 needs loss scaling, which this trainer does not run under DeepSpeed; use bf16")
+    wanted = {"gradient_accumulation_steps": ("train.gradient_accumulation_steps", train.gradient_accumulation_steps),
+              "gradient_clipping": ("train.max_grad_norm", train.max_grad_norm or 0.0)}
+    for key, (ours, want) in wanted.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and float(given) != float(want):
+            problems.append(f"the DeepSpeed config sets {key}={given}, the run config {ours}={want}: remove {key} from the "
+                            "accelerate config (the run config decides), or set the run config to match")
+    if problems:
+        raise ConfigError("DeepSpeed cannot run this config as asked:\n  " + "\n  ".join(problems))
+    ds.update({key: want for key, (_, want) in wanted.items()})
+    ds["train_micro_batch_size_per_gpu"] = train.batch_size
+    ds["train_batch_size"] = train.batch_size * train.gradient_accumulation_steps * num_processes
+    # fp32 master weights stay in the module (the EMA and the checkpoints read them); the kit autocasts
+    ds["bf16"] = {"enabled": False}
+    ds["fp16"] = {"enabled": False}
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -595,6 +600,7 @@ class TrainingLoop(Engine):
         from .images import log_image_file, save_image_grid
 
         rows = make_rows()  # every rank: a sharded network needs all of them for its forward passes
+        reshard(self.model.network)
         path = None
         if rows and self.accelerator.is_main_process:
             path = save_image_grid(rows, self.out / "samples" / f"step-{self.state.step:08d}.png")
@@ -620,6 +626,7 @@ class TrainingLoop(Engine):
             self.save()
         if self._last_images is not None and self.train.image_every and self.state.step % self.train.image_every:
             self._write_images(*self._last_images)
+        reshard(self.model.network)
         summary = {"step": self.state.step, "engine": self.engine_info, **self.rank_digests(), "last_logged": self.last_logged}
         if self.guard.skipped:
             summary["skipped_steps"] = self.guard.skipped

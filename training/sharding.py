@@ -19,6 +19,21 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Put FSDP2's parameters back on their shards after a forward pass outside training.
+
+    FSDP2 keeps the root's parameters whole after a forward (to spare an all-gather before the
+    backward that usually follows); after a sampling or reconstruction pass no backward follows,
+    and until a reshard the module's registered parameters are those whole copies, not the
+    sharded ones the optimizer, the EMA and the checkpoints hold.  No-op for other engines.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def gather_whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole, detached CPU copies (every rank calls this; all get the same result)."""
     return {name: full_tensor(t.detach()).cpu().contiguous() for name, t in tensors.items()}
