@@ -226,3 +226,18 @@ def test_deepspeed_refuses_what_it_cannot_honour_instead_of_overriding_the_run_c
         assert expected in message, message
     assert "gradient_clipping" not in message  # 1.0 == train.max_grad_norm: no conflict
     assert ds["gradient_accumulation_steps"] == 1  # nothing written when refused
+
+
+def test_stage1_refuses_the_adaptive_gan_weight_under_deepspeed_only(fixtures_dir):
+    """Measured: under ZeRO-2 its autograd.grad breaks DeepSpeed's gradient buckets (IndexError mid-run);
+    FSDP and DDP train it alike."""
+    from davae_training.config import load_config
+    from davae_training.stage1.config import TokenizerTrainConfig
+    from davae_training.stage1.step import TokenizerModel
+    from davae_training.stage1.trainer import build_model
+
+    cfg = load_config(TokenizerTrainConfig, REPO / "training" / "configs" / "tokenizer_tiny.yaml",
+                      [f"model.pretrained_vae={fixtures_dir / 'sd3_vae'}", "loss.gan_adaptive_weight=true"])
+    model = TokenizerModel.build(cfg, *build_model(cfg))
+    assert any("loss.gan_adaptive_weight" in p for p in model.engine_problems("deepspeed"))
+    assert model.engine_problems("fsdp2") == model.engine_problems("ddp") == []

@@ -139,6 +139,10 @@ class TrainedModel:
         """Name -> parameter of everything trained, in a fixed order (after prepare: the prepared ones)."""
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
+    def engine_problems(self, engine: str) -> list[str]:
+        """What this model cannot do under ``engine`` ("single", "ddp", "fsdp2", "deepspeed"); the kit refuses to start."""
+        return []
+
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict() if self.checkpoint_frozen else dict(self.trained_parameters())
 
@@ -245,6 +249,9 @@ class Engine:
     def _configure_engine(self, model: TrainedModel) -> None:
         """Tell FSDP what to shard and DeepSpeed what the run config says; refuse what cannot be honoured."""
         train, state = self.train, self.accelerator.state
+        problems = model.engine_problems(self.state.engine)
+        if problems:
+            raise ConfigError(f"{self.state.engine} cannot run this config as asked:\n  " + "\n  ".join(problems))
         if self.state.engine == "fsdp2":
             plugin = state.fsdp_plugin
             if plugin.fsdp_version != 2:

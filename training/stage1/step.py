@@ -56,6 +56,14 @@ class TokenizerModel(TrainedModel):
         disc = PatchDiscriminator(3, loss.disc_channels, loss.disc_layers, loss.disc_norm) if loss.uses_gan else None
         return cls(davae, vae, TokenizerLoss(loss, perceptual), disc, loss.disc_learning_rate or config.train.learning_rate)
 
+    def engine_problems(self, engine: str) -> list[str]:
+        if engine == "deepspeed" and self.discriminator is not None and self.loss.config.gan_adaptive_weight:
+            # its torch.autograd.grad through the decoder's last layer breaks ZeRO's gradient buckets (DDP and FSDP are fine)
+            return ["loss.gan_adaptive_weight=true: the adaptive GAN weight differentiates through the decoder's last layer "
+                    "outside backward, which DeepSpeed ZeRO's gradient hooks do not support; use DDP or FSDP, or "
+                    "loss.gan_adaptive_weight=false"]
+        return []
+
     def to(self, device: torch.device) -> "TokenizerModel":
         """The frozen and auxiliary parts to ``device`` (the engine places the DA-VAE)."""
         self.vae.to(device)
