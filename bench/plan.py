@@ -142,7 +142,7 @@ def count(fn) -> tuple[int, int]:
 
 def _adapter_model(cfg, dtype: torch.dtype, gradient_checkpointing: bool):
     from davae_training.stage2.model import prepare_adapter_model
-    from davae_training.architectures import transformer_config
+    from davae_training.stage2.architectures import transformer_config
     from davae_training.preflight import random_sd3_transformer
 
     transformer = random_sd3_transformer(transformer_config(cfg.model.architecture), dtype, torch.device("meta"))
@@ -152,7 +152,7 @@ def _adapter_model(cfg, dtype: torch.dtype, gradient_checkpointing: bool):
 
 def stage2_plan(name: str, cfg) -> dict[str, Any]:
     from davae_training.stage2.model import trained_parameters
-    from davae_training.architectures import CLIP_TOKENS
+    from davae_training.stage2.architectures import CLIP_TOKENS
     from davae_training.optimizers import optimizer_state_bytes_per_value
 
     loop = cfg.train
@@ -194,12 +194,16 @@ def stage2_plan(name: str, cfg) -> dict[str, Any]:
         "activations_per_sample": saved + block_saved,
     }
     encode_flops = 0
+    micro = loop.batch_size
     if not cfg.data.cache_dir:  # the frozen DA-VAE encodes each image and the text encoders each caption
         memory["text_encoders"] = int(sum(TEXT_ENCODER_PARAMS.values()) * DTYPE_BYTES[cfg.text.dtype])
         encode_flops = davae_encode_flops(cfg.data.images.resolution)
-    micro = loop.batch_size
+        memory.update(davae_encode_memory(cfg, act_dtype))
     memory["activations_micro_batch"] = memory["activations_per_sample"] * micro
-    memory["total_estimate"] = sum(v for k, v in memory.items() if k != "activations_per_sample")
+    # the encode runs before the forward pass, whose activations are not alive yet: the larger of the two counts
+    transient = max(memory["activations_micro_batch"], memory.get("encode_transient", 0))
+    memory["total_estimate"] = transient + sum(v for k, v in memory.items()
+                                               if k not in ("activations_per_sample", "activations_micro_batch", "encode_transient"))
     per_sample = flops + encode_flops
     return {
         "stage": "stage2", "architecture": cfg.model.architecture, "resolution": cfg.data.images.resolution,
@@ -222,6 +226,21 @@ def davae_encode_flops(resolution: int) -> int:
     with torch.no_grad():
         flops, _ = count(lambda: davae.encode_raw(img))
     return flops
+
+
+def davae_encode_memory(cfg, act_dtype: torch.dtype) -> dict[str, int]:
+    """The DA-VAE the trainer keeps to encode images (all of it, in ``tokenizer.dtype``) and the transient of
+    one encode pass (``data.encode_batch_size`` images of the micro-batch, in the autocast dtype)."""
+    from diffusers import AutoencoderKL
+
+    from davae_core import DAVAE, SD3_VAE_CONFIG
+    from davae_training.preflight import encode_transient_bytes
+
+    with torch.device("meta"):
+        davae = DAVAE.from_base_vae(AutoencoderKL(**SD3_VAE_CONFIG), detail_channels=cfg.model.detail_channels)
+    images = min(cfg.data.encode_batch_size, cfg.train.batch_size)
+    return {"davae_weights": sum(p.numel() for p in davae.parameters()) * DTYPE_BYTES[cfg.tokenizer.dtype],
+            "encode_transient": encode_transient_bytes(davae.config, images, cfg.data.images.resolution, act_dtype)}
 
 
 def stage1_plan(name: str, cfg) -> dict[str, Any]:
@@ -283,7 +302,7 @@ def stage1_plan(name: str, cfg) -> dict[str, Any]:
 def sampling_plan() -> dict[str, Any]:
     """Forward FLOPs of one SD3.5M denoiser call (batch 1; a CFG step is two) per variant."""
     from davae_training.stage2.model import AdapterModelConfig, prepare_adapter_model
-    from davae_training.architectures import transformer_config
+    from davae_training.stage2.architectures import transformer_config
     from davae_training.preflight import random_sd3_transformer
 
     stock = random_sd3_transformer(transformer_config("sd35m"), torch.bfloat16, torch.device("meta")).eval()
@@ -378,7 +397,8 @@ def table(plan: dict[str, Any]) -> str:
     mfu = plan["mfu"]
     lines = [f"Projected at {mfu:.0%} of peak bf16 dense tensor throughput (H100 989 TFLOPS, A100 312, RTX 4090 165; "
              "datasheets). Memory is an estimate per GPU (GiB): weights + trained state + activations of one micro-batch "
-             "(+ text encoders when not training from the cache).", "",
+             "(+ text encoders and the DA-VAE when not training from the cache, with the larger of the micro-batch's "
+             "activations and one DA-VAE encode pass of data.encode_batch_size images).", "",
              "| config | trained / total params | TFLOP per sample | global batch x steps | memory est. GiB | H100 GPU-days | A100 GPU-days | 4090 GPU-days | fits 24 / 80 GB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, e in plan["configs"].items():

@@ -1,133 +1,112 @@
-"""Training throughput of both stages: forward + backward + AdamW step, in samples per second.
+"""Training throughput of both stages: the trainers' own steps (forward, loss, backward, AdamW), in samples per second.
 
     python -m bench.train_throughput               # auto: real sizes on a GPU, reduced on a CPU
     python -m bench.train_throughput --stage2-batch 16 --gradient-checkpointing
 
-Stage 1: the DA-VAE at SD3 VAE size, detail-encoder trunk and decoder trunk trainable (the
-frozen base encoder runs too), loss = 2 L1 + 1e-7 KL + 1 alignment (Table S1 without LPIPS
-and the adversarial term: no pretrained LPIPS net here, so real steps cost somewhat more).
-Stage 2: SD3.5-Medium with DA heads, peft LoRA rank 256 on to_q, to_k, to_v, to_out.0,
-ff.net.2, norm1.linear, plus P, P', O, O' trained in full, on 32-channel 64x64 latents
-(32x32 tokens = 1024px), rectified-flow loss with the detail schedule (Eq. 13).
-Target (issue 6): stage 2 >= 12 samples/s on one H100 at 1024.  Self-contained: it does
-not use the training package, so it measures the models, not a particular trainer.
+Both stages are built by the preflight's builders (:mod:`davae_training.preflight`: the trainers'
+model objects with random weights at real size) and stepped by the loop kit's engine
+(:mod:`davae_training.loop`) with the trainers' step objects, so what is timed is the step the
+trainers take, with the loss of the shipped configs:
+stage 1, ``tokenizer_sd3_paper.yaml``: the DA-VAE on the SD3 VAE with its LPIPS (a VGG16-shaped
+net with random weights: the same cost), KL, alignment and, as past the GAN warm-up, the
+discriminator's term and its own update;
+stage 2, ``sd35m_1024.yaml`` read from a latent cache: SD3.5-Medium with DA heads, peft LoRA
+rank 256 on to_q, to_k, to_v, to_out.0, ff.net.2, norm1.linear, P, P', O, O' trained in full, on
+32-channel 64x64 latents (32x32 tokens = 1024px), rectified flow with the detail ramp (Eq. 13).
+Target (issue 6): stage 2 >= 12 samples/s on one H100 at 1024.
 """
 
 from __future__ import annotations
 
 import gc
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-
-from davae_core import DAVAE, SD3_VAE_CONFIG, DAVAEConfig, alignment_loss, scheduled_flow_loss
-from davae_core.heads import DAHeads, attach_to_sd3_transformer, heads_config_for_diffusers
-from davae_core.mmdit_keys import SD3_LORA_TARGETS
 
 from . import common
-from .sd3_models import SD3_TEXT_TOKENS, SD35M_CONFIG, build_diffusers, conditioning
+from .sd3_models import SD3_TEXT_TOKENS, SD35M_CONFIG
 
 NAME = "train_throughput"
+STAGE1_CONFIG = common.REPO_DIR / "training" / "configs" / "tokenizer_sd3_paper.yaml"
+STAGE2_CONFIG = common.REPO_DIR / "training" / "configs" / "sd35m_1024.yaml"
 
 
-def autocast(device: torch.device):
-    """bf16 mixed precision on a GPU (fp32 master weights), as accelerate's mixed_precision="bf16"."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def _engine(cfg, device: torch.device, accelerator):
+    from dataclasses import replace
+
+    from davae_training.loop import Engine
+
+    precision = cfg.train.mixed_precision if device.type == "cuda" else "no"  # CPU: fp32 compute
+    return Engine(replace(cfg.train, mixed_precision=precision, gradient_accumulation_steps=1, report_to="none"), accelerator)
 
 
-def stage1_step(device: torch.device, image_size: int, batch: int, checkpointing: bool, seed: int) -> tuple[Callable[[], float], dict]:
+def _one_step(engine, step, batch, first: int) -> Callable[[], float]:
+    from davae_training.preflight import run_steps
+
+    count = iter(range(10**9))
+    return lambda: run_steps(engine, step, batch, 1, log=lambda _: None, first_step=first + next(count))[0]
+
+
+def stage1_step(device: torch.device, accelerator, image_size: int, batch: int, checkpointing: bool, seed: int) -> tuple[Callable[[], float], dict]:
+    from davae_training.config import load_config
+    from davae_training.preflight import build_stage1
+    from davae_training.stage1.config import TokenizerTrainConfig
+    from davae_training.stage1.step import TokenizerStep
+
+    cfg = load_config(TokenizerTrainConfig, STAGE1_CONFIG, [f"data.resolution={image_size}", f"train.batch_size={batch}",
+                                                             f"train.gradient_checkpointing={checkpointing}", f"train.seed={seed}"])
     torch.manual_seed(seed)
-    model = DAVAE(DAVAEConfig(base_vae=dict(SD3_VAE_CONFIG)), with_base_encoder=True).to(device)
-    model.requires_grad_(False)
-    trainable = [p for m in model.trainable_modules(train_detail_trunk=True, train_decoder_trunk=True) for p in m.parameters()]
-    for p in trainable:
-        p.requires_grad_(True)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    model.train()
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999))
-    image = torch.rand(batch, 3, image_size, image_size, device=device)
-
-    def step() -> float:
-        with autocast(device):
-            out = model(image)
-            loss = (
-                2.0 * F.l1_loss(out["reconstruction"].float(), image * 2 - 1)
-                + 1e-7 * out["posterior"].kl().mean()
-                + 1.0 * alignment_loss(out["detail"].float(), out["base"].float())
-            )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
+    model, data, source = build_stage1(cfg, toy=False, device=device)
+    engine = _engine(cfg, device, accelerator)
+    model.network.train()
+    engine.prepare(model)
+    phase = cfg.loss.gan_start_step if model.discriminator is not None else 0  # past the GAN warm-up: the costliest step
     info = {
-        "model": "DA-VAE on the SD3 VAE architecture, random weights",
+        "model": f"DA-VAE on {source}",
+        "config": STAGE1_CONFIG.name,
         "image_size": image_size,
         "batch": batch,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.trained_parameters().values()),
+        "total_params": sum(p.numel() for p in model.module.parameters()),
         "gradient_checkpointing": checkpointing,
-        "loss": "2 L1 + 1e-7 KL + 1 align (no LPIPS / adversarial term)",
+        "loss": f"the config's: L1, LPIPS (VGG16-shaped, random weights), KL, alignment, GAN (as at step {phase})",
     }
-    return step, info
+    return _one_step(engine, TokenizerStep(cfg, model, loss_step_offset=phase), data, 0), info
 
 
-def stage2_step(
-    device: torch.device, layers: int, batch: int, text_tokens: int, rank: int, checkpointing: bool, seed: int
-) -> tuple[Callable[[], float], dict]:
-    from peft import LoraConfig, inject_adapter_in_model
+def stage2_step(device: torch.device, accelerator, layers: int, batch: int, text_tokens: int, rank: int, checkpointing: bool,
+                seed: int) -> tuple[Callable[[], float], dict]:
+    from davae_training.config import load_config
+    from davae_training.preflight import build_stage2
+    from davae_training.stage2.architectures import CLIP_TOKENS
+    from davae_training.stage2.config import AdapterTrainConfig
+    from davae_training.stage2.step import AdapterStep
 
-    model = build_diffusers(layers, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed)
-    attach_to_sd3_transformer(model, DAHeads(heads_config_for_diffusers(model), device=device))
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(SD3_LORA_TARGETS), init_lora_weights="gaussian"), model)
-    model.requires_grad_(False)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(True)
-    for head in (model.pos_embed.proj, model.proj_out):  # P, P' and O, O' train in full
-        head.float().requires_grad_(True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:  # fp32 master copies of everything that trains
-        p.data = p.data.float()
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    model.train()
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999))
-
-    cond = conditioning(batch, text_tokens, device, torch.float32)
-    x0 = torch.randn(batch, 32, 64, 64, device=device)
-    noise = torch.randn_like(x0)
-
-    def step() -> float:
-        sigma = torch.sigmoid(torch.randn(batch, device=device))  # logit-normal(0, 1)
-        s = sigma.view(-1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        with autocast(device):
-            pred = model(
-                hidden_states=x_t, encoder_hidden_states=cond["context"], pooled_projections=cond["pooled"],
-                timestep=sigma * 1000.0, return_dict=False,
-            )[0]
-        loss = scheduled_flow_loss(pred, noise - x0, base_channels=16, weight=0.5)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
+    sets = [f"train.batch_size={batch}", f"model.lora_rank={rank}", f"model.lora_alpha={rank}", "data.images.resolution=1024",
+            f"train.gradient_checkpointing={checkpointing}", f"text.max_sequence_length={text_tokens - CLIP_TOKENS}",
+            "data.cache_dir=latent-cache", f"train.seed={seed}"]  # from a cache: latents and text are inputs
+    if device.type != "cuda":
+        sets.append("model.base_dtype=float32")  # CPU: fp32 compute
+    cfg = load_config(AdapterTrainConfig, STAGE2_CONFIG, sets)
+    torch.manual_seed(seed)
+    adapter, cond, data, source, tokens = build_stage2(cfg, toy=False, device=device,
+                                                       num_layers=None if layers == SD35M_CONFIG["num_layers"] else layers)
+    engine = _engine(cfg, device, accelerator)
+    adapter.network.train()
+    engine.prepare(adapter)
     info = {
-        "model": f"diffusers SD3.5M, {layers}/24 layers, DA heads, LoRA rank {rank} (alpha {rank}) on {', '.join(SD3_LORA_TARGETS)}",
-        "latent": [batch, 32, 64, 64],
+        "model": f"{source}; DA heads, LoRA rank {rank} (alpha {rank}) on {', '.join(cfg.model.lora_targets)}",
+        "config": STAGE2_CONFIG.name,
+        "latent": list(data["latents"].shape),
         "image_tokens": 32 * 32,
-        "text_tokens": text_tokens,
+        "text_tokens": tokens,
         "batch": batch,
-        "base_weights_dtype": "bfloat16" if device.type == "cuda" else "float32",
-        "trainable_params": sum(p.numel() for p in trainable),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "base_weights_dtype": cfg.model.base_dtype,
+        "trainable_params": sum(p.numel() for p in adapter.trained_parameters().values()),
+        "total_params": sum(p.numel() for p in adapter.module.parameters()),
         "gradient_checkpointing": checkpointing,
     }
-    return step, info
+    return _one_step(engine, AdapterStep(adapter, cond, cfg.objective), data, 0), info
 
 
 def fit_batch(make: Callable[[int], tuple[Callable[[], float], dict]], batch: int, device: torch.device, name: str):
@@ -151,6 +130,9 @@ def fit_batch(make: Callable[[int], tuple[Callable[[], float], dict]], batch: in
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from davae_training.config import TrainLoopConfig
+    from davae_training.runtime import make_accelerator
+
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", choices=["stage1", "stage2"], default=["stage1", "stage2"])
     parser.add_argument("--stage1-size", type=int, default=None, help="stage-1 image side (default: 1024 GPU, 128 CPU)")
@@ -170,15 +152,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s2_layers = args.stage2_layers or (SD35M_CONFIG["num_layers"] if gpu else 2)
     s2_batch = args.stage2_batch or (8 if gpu else 1)
 
+    accelerator = make_accelerator(TrainLoopConfig(report_to="none", mixed_precision="bf16" if gpu else "no"), cpu=not gpu)
     steps, setups = {}, {}
     if "stage1" in args.stages:
         steps["stage1"], setups["stage1"] = fit_batch(
-            lambda b: stage1_step(device, s1_size, b, gpu, args.seed), s1_batch, device, "stage1"
+            lambda b: stage1_step(device, accelerator, s1_size, b, gpu, args.seed), s1_batch, device, "stage1"
         )
         setups["stage1"]["full_size"] = s1_size == 1024
     if "stage2" in args.stages:
         steps["stage2"], setups["stage2"] = fit_batch(
-            lambda b: stage2_step(device, s2_layers, b, args.text_tokens, args.rank, args.gradient_checkpointing, args.seed),
+            lambda b: stage2_step(device, accelerator, s2_layers, b, args.text_tokens, args.rank, args.gradient_checkpointing, args.seed),
             s2_batch, device, "stage2",
         )
         setups["stage2"]["full_size"] = s2_layers == SD35M_CONFIG["num_layers"]
@@ -212,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine_info(device),
         "setup": {
             **setups,
-            "optimizer": "AdamW lr 1e-4, betas (0.9, 0.999), fp32 master weights",
+            "optimizer": "the configs' AdamW, fp32 master weights",
+            "step": "the trainers' own step objects through the loop kit's engine (davae_training.loop)",
             "precision": "bf16 autocast" if gpu else "fp32",
             "repeats": repeats,
             "warmup": args.warmup,

@@ -65,7 +65,7 @@ def write_lock(folder: Path, host: str, pid: int) -> Path:
 
 def resolve_latest_logging(output_dir: Path, caplog) -> tuple[Path | None, str]:
     """``resolve_resume('latest')`` and what it logged."""
-    from davae_training.common import resolve_resume
+    from davae_training.checkpoints import resolve_resume
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="davae_training"):

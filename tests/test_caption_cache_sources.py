@@ -98,7 +98,7 @@ def _assert_interrupted_build_resumes_identically(records, cfg_of, davae, text, 
             torch.testing.assert_close(a[name][k], b[name][k], rtol=0, atol=0)
 
 
-def _loader(cache, images: ImageDataConfig, grid: LatentGrid, batch_size=2, start=0, seed=0):
+def _loader(cache, images: ImageDataConfig, grid: LatentGrid, batch_size=2, start=0, seed=0, device="cpu"):
     from davae_training.stage2.trainer import build_dataloader, open_cache
 
     cfg = AdapterTrainConfig()
@@ -106,8 +106,9 @@ def _loader(cache, images: ImageDataConfig, grid: LatentGrid, batch_size=2, star
     cfg.data.cache_dtype = "float32"  # what _cache_cfg builds, with the stand-in of the text fixture
     cfg.text.kind, cfg.text.standin_tokens, cfg.text.standin_joint_attention_dim, cfg.text.standin_pooled_dim = "hashing_standin", 8, 64, 32
     cfg.train.batch_size, cfg.train.seed, cfg.train.dataloader_num_workers = batch_size, seed, 0
-    dataset = open_cache(cfg, grid.patch_size)
-    return build_dataloader(cfg, SimpleNamespace(process_index=0, num_processes=1), start, grid, dataset), dataset
+    dataset = open_cache(cfg, grid.patch_size) if cache is not None else None
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, device=torch.device(device))
+    return build_dataloader(cfg, accelerator, start, grid, dataset), dataset
 
 
 # ---------------------------------------------------------------------------- bucketed folder
@@ -148,6 +149,17 @@ def test_bucket_folder_cache_holds_each_sample_at_its_bucket_shape_and_skips_a_c
     e, p = text.encode([item["caption"]])
     torch.testing.assert_close(item["embeds"], e[0])
     torch.testing.assert_close(item["pooled"], p[0])
+
+
+def test_stage2_loaders_pin_memory_when_batches_go_to_a_gpu(bucket_folder, tmp_path, davae, text, grid):
+    """Cache or images, bucketed or square: pinned for a CUDA device (constructing the loader needs no GPU)."""
+    images = ImageDataConfig(sources=[str(bucket_folder)], resolution=RES, buckets=True)
+    records, _ = build_index(images, grid.pixels)
+    build_cache(records, _cache_cfg(images, tmp_path / "cache"), davae.encode, text, grid=grid)
+    square = ImageDataConfig(sources=[str(bucket_folder)], resolution=RES, index_cache=str(tmp_path / "index.json"))
+    for cache, imgs in [(tmp_path / "cache", images), (None, images), (None, square)]:
+        assert _loader(cache, imgs, grid, device="cuda")[0].pin_memory, (cache, imgs.buckets)
+        assert not _loader(cache, imgs, grid, device="cpu")[0].pin_memory
 
 
 def test_bucket_cache_trainer_batches_hold_one_shape_and_resume_at_any_micro_batch(bucket_folder, tmp_path, davae, text, grid):
@@ -327,6 +339,8 @@ def test_cache_made_by_other_text_settings_dtype_or_davae_is_refused_naming_the_
 
 # ---------------------------------------------------------------------------- a run
 def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp_path, fixtures_dir, davae, text, grid, monkeypatch):
+    import davae_training.stage2.conditioning as conditioning
+    import davae_training.stage2.step as stage2_step
     import davae_training.stage2.trainer as ta
     from davae_core.davae_model import DAVAE
     from davae_training.config import load_config
@@ -346,17 +360,17 @@ def test_tiny_stage2_run_from_a_bucket_cache_trains_without_any_davae_encode(tmp
     def forbidden(*a, **k):
         raise AssertionError("training from a complete cache must not load or run the DA-VAE or a text encoder")
 
-    monkeypatch.setattr(ta, "load_davae_for_training", forbidden)
-    monkeypatch.setattr(ta, "build_text_conditioner", forbidden)
+    monkeypatch.setattr(conditioning, "load_davae_for_training", forbidden)
+    monkeypatch.setattr(conditioning, "build_text_conditioner", forbidden)
     monkeypatch.setattr(DAVAE, "encode", forbidden)
     seen = []
-    real_loss = ta.flow_matching_loss
+    real_loss = stage2_step.flow_matching_loss
 
     def recording_loss(model_fn, latents, *a, **k):
         seen.append(tuple(latents.shape))
         return real_loss(model_fn, latents, *a, **k)
 
-    monkeypatch.setattr(ta, "flow_matching_loss", recording_loss)
+    monkeypatch.setattr(stage2_step, "flow_matching_loss", recording_loss)
     sets = [f"train.output_dir={tmp_path / 'run'}", f"model.pretrained={fixtures_dir / 'sd3_transformer'}", "tokenizer.path=''",
             f"data.images.sources=[{folder}]", "data.images.resolution=128", "data.images.buckets=true",
             "data.images.crop=center", f"data.cache_dir={cache}", "train.max_steps=4", "train.checkpoint_every=0",
@@ -401,7 +415,7 @@ ODD_ON_16 = [(140, 180), (180, 140), (128, 213)]
 @pytest.mark.parametrize("source", ["pixels", "cache"])
 def test_bucket_stage2_run_where_16px_buckets_have_odd_latents_trains_on_even_latent_sides(
         tmp_path, fixtures_dir, davae, text, grid, monkeypatch, source):
-    import davae_training.stage2.trainer as ta
+    import davae_training.stage2.step as stage2_step
     from davae_training.config import load_config
     from davae_training.data.buckets import nearest_bucket
 
@@ -421,14 +435,14 @@ def test_bucket_stage2_run_where_16px_buckets_have_odd_latents_trains_on_even_la
         build_cache(build_index(images, grid.pixels)[0], _cache_cfg(images, tmp_path / "cache"), davae.encode, text, grid=grid)
         more.append(f"data.cache_dir={tmp_path / 'cache'}")
     seen = []
-    real_loss = ta.flow_matching_loss
+    real_loss = stage2_step.flow_matching_loss
 
     def recording_loss(model_fn, latents, *a, **k):
         out = model_fn(latents, torch.full((latents.shape[0],), 500.0))
         seen.append((tuple(latents.shape), tuple(out.shape)))
         return real_loss(model_fn, latents, *a, **k)
 
-    monkeypatch.setattr(ta, "flow_matching_loss", recording_loss)
+    monkeypatch.setattr(stage2_step, "flow_matching_loss", recording_loss)
     summary = _train(load_config(AdapterTrainConfig, TINY_CONFIG, _run_settings(tmp_path, fixtures_dir, folder, *more)))
     assert summary["step"] == 4 and np.isfinite(summary["last_logged"]["loss"])
     assert len(seen) == 4 and len({s for s, _ in seen}) >= 2, seen  # batches of different buckets

@@ -42,16 +42,26 @@ def test_stage2_configs_pass_preflight_at_toy_width(config):
     assert result["peak_memory_bytes"] > 0 and len(result["step_seconds"]) == 2
     assert 0 < result["params_trained"] < result["params_total"]
     # the architecture's pattern survives the toy width: SD3.5-M has dual attention in block 0, SD3.5-L none
-    from davae_training.architectures import TRANSFORMERS
+    from davae_training.stage2.architectures import TRANSFORMERS
+
+    from davae_training.config import load_config
+    from davae_training.stage2.config import AdapterTrainConfig
 
     arch = "sd35l" if "sd35l" in config else "sd35m"
     assert result["model"].startswith(arch)
-    assert result["latent_shape"] == [1, 32, 4, 4]
+    cfg = load_config(AdapterTrainConfig, CONFIGS / config)
+    assert result["latent_shape"] == [cfg.train.batch_size, 32, 4, 4]  # the config's real micro-batch
     assert bool(TRANSFORMERS[arch]["dual_attention_layers"]) == (arch == "sd35m")
+    # without a latent cache the frozen DA-VAE encodes every step: its weights and the encode's transient are reported
+    assert result["encodes_images"] == (not cfg.data.cache_dir)
+    if result["encodes_images"]:
+        assert result["davae_weights_bytes"] > 0 and result["encode_transient_bytes"] > 0
+        assert result["encode_batch_size"] == cfg.data.encode_batch_size
+        assert "DA-VAE encode per step" in lines[0]
 
 
 def test_sd35l_config_names_the_large_widths():
-    from davae_training.architectures import hidden_size, transformer_config
+    from davae_training.stage2.architectures import hidden_size, transformer_config
     from davae_training.config import load_config
     from davae_training.stage2.config import AdapterTrainConfig
 
@@ -125,7 +135,7 @@ def test_unknown_optimizer_is_refused():
 def test_single_file_checkpoint_loads_as_the_diffusers_transformer(fixtures_dir):
     from diffusers import SD3Transformer2DModel
 
-    from davae_training.sd35_single_file import load_single_file_transformer
+    from davae_training.stage2.sd35_single_file import load_single_file_transformer
 
     single = load_single_file_transformer(fixtures_dir / "checkpoints" / "sd3_tiny.safetensors")
     folder = SD3Transformer2DModel.from_pretrained(fixtures_dir / "sd3_transformer")
@@ -154,7 +164,7 @@ def test_stage2_model_builds_from_a_single_file(fixtures_dir):
 def test_a_file_without_mmdit_tensors_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from davae_training.sd35_single_file import load_single_file_transformer
+    from davae_training.stage2.sd35_single_file import load_single_file_transformer
 
     path = tmp_path / "vae_only.safetensors"
     save_file({"first_stage_model.x": torch.zeros(1)}, str(path))
@@ -165,6 +175,7 @@ def test_a_file_without_mmdit_tensors_is_refused(tmp_path):
 # ---------------------------------------------------------------------------- accelerate configs
 @pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])
 def test_accelerate_config_files_parse(name, kind):
+    """The shipped launch configs (tests/test_engines.py runs each of them, on CPUs)."""
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
     cfg = load_config_from_file(str(ACCELERATE / f"{name}.yaml"))
@@ -173,32 +184,10 @@ def test_accelerate_config_files_parse(name, kind):
     assert cfg.num_processes == 8
     if kind == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == 2
+        # the run config decides accumulation and clipping: a value here would override it
+        assert "gradient_accumulation_steps" not in cfg.deepspeed_config and "gradient_clipping" not in cfg.deepspeed_config
     if kind == "FSDP":
-        from diffusers.models.transformers.transformer_sd3 import JointTransformerBlock
-
-        assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == JointTransformerBlock.__name__
-
-
-def test_ddp_config_launches_two_processes_on_cpu(tmp_path, fixtures_dir):
-    """accelerate launch --config_file ddp.yaml on this CPU: gloo, 2 ranks, identical trained weights."""
-    images = tmp_path / "images"
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox\na bowl of ramen\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "davae_training.data.synthetic", "--generator", "standin", "--prompts", str(prompts),
-                        "--out", str(images), "--resolution", "64", "--per-prompt", "2"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = tmp_path / "run"
-    sets = [f"train.output_dir={out}", f"model.pretrained={fixtures_dir / 'sd3_transformer'}",
-            f"tokenizer.path={fixtures_dir / 'davae' / 'davae_tiny.safetensors'}", f"data.images.sources=[{images}]",
-            "data.images.resolution=64", "train.report_to=none", "model.lora_rank=4", "model.lora_alpha=4", "train.max_steps=2",
-            "train.checkpoint_every=0", "export.enabled=false", "train.image_every=0", "train.mixed_precision=no"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml"), "--num_processes", "2",
-           "--mixed_precision", "no", "-m", "davae_training.train_adapter", "--config", str(CONFIGS / "adapter_tiny.yaml")]
-    r = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    summary = json.loads((out / "final" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["ranks_in_sync"], summary
+        assert cfg.fsdp_config["fsdp_version"] == 2  # the trainers name the blocks FSDP2 shards
 
 
 # ---------------------------------------------------------------------------- cost plan
@@ -211,6 +200,36 @@ def test_flop_counter_counts_on_meta_tensors():
     flops, saved = count(lambda: layer(x).sum().backward())
     assert flops == 2 * (2 * 3 * 100 * 200)  # forward and the weight gradient (x needs no gradient)
     assert saved >= 3 * 100 * 4  # the input, kept for the weight gradient
+
+
+def test_plan_counts_the_davae_and_its_encode_when_a_config_has_no_latent_cache(monkeypatch):
+    """sd35m_1024 encodes 16 images at 1024 px per micro-batch: the DA-VAE's weights and the transient of one
+    encode pass (data.encode_batch_size images, in the autocast dtype) are in the memory estimate."""
+    import bench.plan as plan
+    from davae_training.config import load_config
+    from davae_training.stage2.config import AdapterTrainConfig
+
+    cfg = load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024.yaml")
+    assert not cfg.data.cache_dir and cfg.train.batch_size == 16
+    bf16 = plan.davae_encode_memory(cfg, torch.bfloat16)
+    assert 0.4 * 2**30 < bf16["davae_weights"] < 0.5 * 2**30  # ~110M float32 values
+    fp32 = plan.davae_encode_memory(cfg, torch.float32)
+    cfg.data.encode_batch_size = 16  # the whole micro-batch at once, in fp32: what the trainer used to do
+    whole = plan.davae_encode_memory(cfg, torch.float32)
+    assert whole["encode_transient"] > 30 * 2**30  # tens of GB
+    assert 3.5 < whole["encode_transient"] / fp32["encode_transient"] < 4.5  # 4x the images per pass
+    assert bf16["encode_transient"] < 0.8 * fp32["encode_transient"]  # in the autocast dtype
+
+    monkeypatch.setattr(plan, "count", lambda fn: (1, 2**30))  # the transformer's pass is not what this test is about
+    monkeypatch.setattr(plan, "davae_encode_flops", lambda resolution: 1)
+    entry = plan.stage2_plan("sd35m_1024", load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024.yaml"))
+    memory = entry["memory_bytes"]
+    assert memory["davae_weights"] == bf16["davae_weights"] and memory["encode_transient"] == bf16["encode_transient"]
+    static = sum(v for k, v in memory.items() if k not in ("activations_per_sample", "activations_micro_batch", "encode_transient",
+                                                          "total_estimate"))
+    assert memory["total_estimate"] == static + max(memory["activations_micro_batch"], memory["encode_transient"])
+    cached = plan.stage2_plan("cached", load_config(AdapterTrainConfig, CONFIGS / "sd35m_1024.yaml", ["data.cache_dir=c"]))
+    assert "davae_weights" not in cached["memory_bytes"] and "encode_transient" not in cached["memory_bytes"]
 
 
 def test_sampling_plan_ratios_at_full_size():
@@ -249,7 +268,7 @@ def test_plan_states_the_global_batch_per_process_count_and_the_one_gpu_accumula
 def test_plan_counts_both_lora_target_sets_and_the_realism_phase_steps():
     from bench.plan import lora_plan, phase_steps
     from davae_core.mmdit_keys import SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS
-    from davae_training.architectures import toy_width, transformer_config
+    from davae_training.stage2.architectures import toy_width, transformer_config
     from davae_training.config import load_config
     from davae_training.preflight import random_sd3_transformer
     from davae_training.stage2.config import AdapterTrainConfig

@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from davae_core.mmdit_keys import SD3_LORA_TARGETS, SD3_LORA_TARGETS_ALL_BLOCKS
-from davae_training.config import TrainLoopConfig, config_to_dict, load_config, log_global_batch, reach_recipe_batch
-from davae_training.run_safety import ResumeConfigError, check_resume_config, flatten_config
+from davae_training.checkpoints import ResumeConfigError, check_resume_config
+from davae_training.config import TrainLoopConfig, config_to_dict, flatten_config, load_config, log_global_batch, reach_recipe_batch
 from davae_training.stage1.config import TokenizerTrainConfig
 from davae_training.stage2.config import AdapterTrainConfig
 
@@ -101,7 +101,7 @@ def _block_linears(model) -> list[str]:
 
 @pytest.mark.parametrize("arch", ["sd35m", "sd35l"])
 def test_paper_lora_targets_are_every_block_linear_and_the_authors_their_list(arch):
-    from davae_training.architectures import toy_width, transformer_config
+    from davae_training.stage2.architectures import toy_width, transformer_config
     from davae_training.preflight import random_sd3_transformer
     from davae_training.stage2.model import lora_target_names
 

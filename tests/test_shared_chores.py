@@ -10,7 +10,7 @@ import torch
 from davae_core.atomic_files import atomic_write, write_json_atomic, write_text_atomic
 from davae_core.dtypes import dtype_from_name
 from davae_core.structured_latent import SD3_SCALE, SD3_SHIFT, vae_shift_scale
-from davae_training.common import derive_seed
+from davae_training.runtime import derive_seed
 
 
 def test_dtype_names():

@@ -12,7 +12,7 @@ def test_tensorboard_tracker_receives_an_image_event(tmp_path):
     from accelerate.state import AcceleratorState
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from davae_training.tracker_images import log_image_file
+    from davae_training.images import log_image_file
 
     png = tmp_path / "grid.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(png)
@@ -31,7 +31,7 @@ def test_tensorboard_tracker_receives_an_image_event(tmp_path):
 
 
 def test_no_tracker_means_nothing_sent(tmp_path):
-    from davae_training.tracker_images import log_image_file
+    from davae_training.images import log_image_file
 
     png = tmp_path / "g.png"
     Image.new("RGB", (8, 8)).save(png)
@@ -44,7 +44,7 @@ def test_no_tracker_means_nothing_sent(tmp_path):
 
 def test_wandb_tracker_gets_an_image_when_wandb_is_installed(tmp_path):
     wandb = pytest.importorskip("wandb")
-    from davae_training.tracker_images import log_image_file
+    from davae_training.images import log_image_file
 
     png = tmp_path / "g.png"
     Image.new("RGB", (8, 8)).save(png)

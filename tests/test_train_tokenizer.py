@@ -22,18 +22,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from davae_core import load_davae, read_metadata
-from davae_training.common import FAULT_ENV, find_latest_checkpoint
+from davae_training.checkpoints import find_latest_checkpoint
+from davae_training.runtime import FAULT_ENV
 from davae_training.config import ConfigError, load_config
 from davae_training.stage1.losses import TokenizerLoss
 from davae_training.stage1.stats import ChannelMoments
 from davae_training.stage1.config import TokenizerTrainConfig
-from davae_training.stage1.trainer import (
-    build_model,
-    export_from_checkpoint,
-    export_model,
-    make_target,
-    stock_reconstruction,
-)
+from davae_training.stage1.step import make_target, stock_reconstruction
+from davae_training.stage1.trainer import build_model, export_from_checkpoint, export_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -160,10 +156,21 @@ def test_shipped_configs_load_and_overrides_apply(fixtures_dir):
     assert paper.train.learning_rate == 1e-4 and paper.train.max_steps == 10000 and paper.data.resolution == 1024
     tiny = load_config(TokenizerTrainConfig, TINY, ["train.max_steps=7", "data.sources=[a, b]", "loss.kl_weight=1e-3"])
     assert tiny.train.max_steps == 7 and tiny.data.sources == ["a", "b"] and tiny.loss.kl_weight == 1e-3
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match="tokenizer_tiny.yaml: Key 'max_stepz' not in 'TrainLoopConfig'.*max_steps"):
         load_config(TokenizerTrainConfig, TINY, ["train.max_stepz=7"])
-    with pytest.raises(ConfigError, match="expected int"):
+    with pytest.raises(ConfigError, match="'many' .* could not be converted to Integer; full_key: train.max_steps"):
         load_config(TokenizerTrainConfig, TINY, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="train.mixed_precision must be one of"):
+        load_config(TokenizerTrainConfig, TINY, ["train.mixed_precision=fp8"])
+    # YAML 1.1 reads a bare `no` as false: it still means "no"
+    assert load_config(TokenizerTrainConfig, TINY, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    # a config is an object: built in Python, it is the same as from its YAML
+    from dataclasses import replace
+
+    from davae_training.config import TrainLoopConfig
+
+    built = replace(tiny, train=TrainLoopConfig(**{**vars(tiny.train), "max_steps": 9}))
+    assert built.train.max_steps == 9 and built.loss == tiny.loss
 
 
 def test_detail_statistics_identity_when_disabled(fixtures_dir, image_dir, tmp_path):
@@ -192,7 +199,7 @@ def test_run_outputs_and_export_loads_and_decodes(uninterrupted_run, fixtures_di
     out = uninterrupted_run
     assert [p.name for p in (out / "checkpoints").iterdir()] and find_latest_checkpoint(out).name == "checkpoint-00000004"
     assert not list((out / "checkpoints").glob(".tmp-*"))
-    assert (out / "samples" / "step_00000002.png").is_file() and (out / "data_report.json").is_file()
+    assert (out / "samples" / "step-00000002.png").is_file() and (out / "data_report.json").is_file()
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     model = load_davae(out / "davae.safetensors")
     assert not model.normalizer.detail_is_identity  # statistics were measured
@@ -290,7 +297,7 @@ def test_evaluation_report_and_grid(uninterrupted_run, fixtures_dir, image_dir, 
 
 
 def test_only_complete_checkpoints_count(tmp_path):
-    from davae_training.common import CHECKSUM_FILE, STATE_FILE, _checksums, list_checkpoints, resolve_resume
+    from davae_training.checkpoints import CHECKSUM_FILE, STATE_FILE, RunCheckpointError, _checksums, list_checkpoints, resolve_resume
     from davae_core.atomic_files import write_json_atomic
 
     root = tmp_path / "checkpoints"
@@ -304,12 +311,12 @@ def test_only_complete_checkpoints_count(tmp_path):
     assert resolve_resume("latest", tmp_path).name == "checkpoint-00000010"
     assert resolve_resume(None, tmp_path) is None
     assert resolve_resume("latest", tmp_path / "elsewhere") is None  # nothing yet: fresh start
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(RunCheckpointError, match="not a complete checkpoint"):
         resolve_resume(str(root / "checkpoint-00000012"), tmp_path)
 
 
 def test_image_grid_layout(tmp_path):
-    from davae_training.common import save_image_grid
+    from davae_training.images import save_image_grid
 
     rows = [torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8)]
     path = save_image_grid(rows, tmp_path / "g.png", padding=1)
@@ -325,7 +332,7 @@ def test_image_grid_layout(tmp_path):
 # fallback, the learning-rate change and the non-finite cases train, for one to three steps.
 from run_safety_helpers import DAMAGES, copy_run, damage, dead_pid, reset_accelerate, resolve_latest_logging, write_lock  # noqa: E402
 
-STAGE1_FILES = {"weights": "model.safetensors", "discriminator": "model_1.safetensors", "optimizer": "optimizer.bin",
+STAGE1_FILES = {"weights": "model.safetensors", "discriminator": "model_1.safetensors", "optimizer": "optimizer.safetensors",
                 "state": "trainer_state.json", "checksums": "checksums.json"}
 
 
@@ -345,14 +352,14 @@ def test_resume_latest_skips_a_damaged_checkpoint(uninterrupted_run, tmp_path, c
 
 
 def test_resume_refuses_clearly_when_no_checkpoint_is_usable(uninterrupted_run, tmp_path):
-    from davae_training.common import CheckpointError, resolve_resume
+    from davae_training.checkpoints import RunCheckpointError, resolve_resume
 
     out = copy_run(uninterrupted_run, tmp_path / "run")
-    damage(out / "checkpoints" / "checkpoint-00000004" / "optimizer.bin", "truncated")
+    damage(out / "checkpoints" / "checkpoint-00000004" / "optimizer.safetensors", "truncated")
     damage(out / "checkpoints" / "checkpoint-00000002" / "model.safetensors", "overwritten")
-    with pytest.raises(CheckpointError, match=r"no usable checkpoint(.|\n)*optimizer.bin(.|\n)*model.safetensors(.|\n)*new run"):
+    with pytest.raises(RunCheckpointError, match=r"no usable checkpoint(.|\n)*optimizer.safetensors(.|\n)*model.safetensors(.|\n)*new run"):
         resolve_resume("latest", out)
-    with pytest.raises(CheckpointError, match="model.safetensors does not match its checksum.*--resume latest"):
+    with pytest.raises(RunCheckpointError, match="model.safetensors does not match its checksum.*--resume latest"):
         resolve_resume(str(out / "checkpoints" / "checkpoint-00000002"), out)
 
 
@@ -376,8 +383,8 @@ def test_fallback_resume_ends_bit_identical(uninterrupted_run, fixtures_dir, ima
     ("train.learning_rate=0.0005", "--change-learning-rate"),
 ])
 def test_resume_refuses_config_changes_that_break_it(uninterrupted_run, fixtures_dir, image_dir, override, key):
-    from davae_training.common import plan_resume
-    from davae_training.run_safety import ResumeConfigError
+    from davae_training.checkpoints import plan_resume
+    from davae_training.checkpoints import ResumeConfigError
 
     config = _config(fixtures_dir, image_dir, uninterrupted_run, override)
     with pytest.raises(ResumeConfigError, match=re.escape(key)):
@@ -387,7 +394,7 @@ def test_resume_refuses_config_changes_that_break_it(uninterrupted_run, fixtures
 
 
 def test_resume_applies_safe_config_changes(uninterrupted_run, fixtures_dir, image_dir, caplog):
-    from davae_training.common import plan_resume
+    from davae_training.checkpoints import plan_resume
 
     config = _config(fixtures_dir, image_dir, uninterrupted_run, "train.max_steps=6", "train.log_every=2",
                      "train.checkpoint_every=3", "train.on_nonfinite=skip")

@@ -1,20 +1,23 @@
-"""Config files of both trainers: YAML -> nested dataclasses, with ``--set key=value`` overrides.
+"""Config files of both trainers: YAML -> typed dataclasses (OmegaConf structured configs).
 
 :class:`TrainLoopConfig` is the ``train:`` section every trainer has; each stage adds its own
-sections (``davae_training.stage1.config``, ``davae_training.stage2.config``).
+sections (``davae_training.stage1.config``, ``davae_training.stage2.config``).  A config is a
+plain dataclass object: build it in Python (``AdapterTrainConfig(train=TrainLoopConfig(...))``)
+or from a YAML file plus ``key=value`` overrides with :func:`load_config`; OmegaConf checks the
+keys and converts the values to the fields' types, then the dataclasses' own ``__post_init__``
+checks the values.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -39,7 +42,7 @@ class TrainLoopConfig:
     adam_epsilon: float = 1e-8
     lr_warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
-    checkpoint_every: int = 500  # optimizer steps between save_state
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (0: only the final one)
     checkpoints_total_limit: int | None = 3  # keep this many newest; None keeps all
     log_every: int = 10
     image_every: int = 500  # reconstruction / sample grids; 0 disables
@@ -61,8 +64,17 @@ class TrainLoopConfig:
     recipe_global_batch: int | None = None
     # a run folder (its newest intact checkpoint) or a checkpoint of an EARLIER PHASE this run starts
     # from when it has no checkpoint of its own (e.g. stage 2's realism phase); it may use other
-    # data (run_safety.PHASE_DATA_KEYS), read from its start
+    # data (checkpoints.PHASE_DATA_KEYS), read from its start
     continue_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision == "False":  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) and train.gradient_accumulation_steps "
+                              f"({self.gradient_accumulation_steps}) must be >= 1")
 
 
 def global_batch(loop: TrainLoopConfig, processes: int) -> int:
@@ -96,112 +108,59 @@ def log_global_batch(loop: TrainLoopConfig, processes: int) -> int:
     return got
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    tp = _unwrap_optional(tp)
-    if value is None:
-        return None
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return dataclass_from_dict(tp, value, where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-4" as a string
-        except ValueError:
-            pass
-    if tp is str and isinstance(value, bool):
-        return "yes" if value else "no"  # YAML 1.1 reads a bare `no` (mixed_precision=no) as False
-    if tp is str and isinstance(value, (int, float)):
-        return str(value)
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp in (int, float, bool, str) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
-    origin = typing.get_origin(tp)
-    if origin is list and isinstance(value, str):
-        value = [value]  # --set data.sources=/one/folder
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{where}[{i}]") if inner is not Any else v for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    return value
-
-
-def dataclass_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build ``cls`` from a (nested) dict; unknown keys are errors that list the known ones."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.max_steps=10"`` -> (["train", "max_steps"], 10); the value is parsed as YAML."""
-    import yaml
-
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ConfigError(f"override {text!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else ""
-
-
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-        node[path[-1]] = value
-    return data
-
-
 def load_config(cls: type, path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> Any:
-    """YAML file (optional) + ``key=value`` overrides -> an instance of the dataclass ``cls``."""
-    import yaml
+    """YAML file (optional) + ``key=value`` overrides (values parsed as YAML) -> an instance of ``cls``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    data: dict[str, Any] = {}
     where = "config"
+    layers = [OmegaConf.structured(cls)]
     if path is not None:
         where = str(path)
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file (see training/configs/)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+            data = OmegaConf.load(p)
+        except Exception as e:  # yaml's own errors, e.g. a tab or an unclosed bracket
             raise ConfigError(f"{p}: not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
-    data = apply_overrides(data, overrides)
-    return dataclass_from_dict(cls, data, where)
+        if not OmegaConf.is_dict(data):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        layers.append(data)
+    overrides = list(overrides)
+    for text in overrides:
+        if "=" not in text or not text.split("=", 1)[0].strip():
+            raise ConfigError(f"override {text!r} must look like key.sub=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_first_lines(e)}") from None
+
+
+def _first_lines(error: Exception) -> str:
+    """OmegaConf's message and the key it is about, without its object dump."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    keep = [lines[0]] + [ln for ln in lines[1:] if ln.startswith("full_key:")]
+    return "; ".join(keep)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts and lists (what ``config.yaml`` holds)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(config))
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}`` (resume diffs, tracker hyperparameters)."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

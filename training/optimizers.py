@@ -63,9 +63,9 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, loop, num_processes: int
     (``lr_schedule: constant``) or a half cosine from ``learning_rate`` down to ``lr_min`` at
     ``lr_decay_steps`` (default ``max_steps``) and held there (``cosine``, as the authors' stage 1).
 
-    accelerate steps a prepared scheduler once per process per optimizer step, so every length here is
-    counted in process-steps (times ``num_processes``): optimizer step n gets the same rate whatever
-    the process count.  The schedule is a factor on the base rate, which ``--change-learning-rate``
+    The loop kit has accelerate prepare it, and accelerate steps a prepared scheduler once per process
+    per optimizer step, so every length here is counted in process-steps (times ``num_processes``):
+    optimizer step n gets the same rate whatever the process count.  The schedule is a factor on the base rate, which ``--change-learning-rate``
     replaces on resume.
     """
     if loop.lr_schedule not in LR_SCHEDULES:

@@ -23,7 +23,6 @@ import argparse
 import json
 import resource
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _autocast(device: torch.device, mixed_precision: str):
-    if mixed_precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
-    return nullcontext()
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -99,10 +92,14 @@ def random_sd3_vae(toy: bool):
     return vae.eval().requires_grad_(False)
 
 
-def build_stage2(cfg, toy: bool, device: torch.device):
-    """(model, frozen DA-VAE or None, text shapes) for an AdapterTrainConfig."""
-    from .stage2.model import BASE_DTYPES, load_base_transformer, prepare_adapter_model
-    from .architectures import CLIP_TOKENS, toy_width, transformer_config
+def build_stage2(cfg, toy: bool, device: torch.device, num_layers: int | None = None):
+    """(AdapterModel, Conditioning, batch, description) for an AdapterTrainConfig: what the trainer builds,
+    with random weights unless ``model.pretrained`` names real ones, and random data of the config's shapes.
+    ``num_layers``: fewer transformer blocks at the real width (a CPU benchmark)."""
+    from .stage2.architectures import CLIP_TOKENS, toy_width, transformer_config
+    from .stage2.conditioning import Conditioning
+    from .stage2.model import BASE_DTYPES, AdapterModel, load_base_transformer, prepare_adapter_model
+    from .stage2.text_conditioning import HashingTextConditioner
 
     base_dtype = BASE_DTYPES[cfg.model.base_dtype]
     if cfg.model.pretrained and not toy:
@@ -112,21 +109,35 @@ def build_stage2(cfg, toy: bool, device: torch.device):
         arch = transformer_config(cfg.model.architecture)
         if toy:
             arch = toy_width(arch)
+        if num_layers is not None:
+            arch = {**arch, "num_layers": num_layers, "dual_attention_layers": [i for i in arch["dual_attention_layers"] if i < num_layers]}
         transformer = random_sd3_transformer(arch, base_dtype, device)
-        source = f"{cfg.model.architecture}{' at toy width' if toy else ''}, random weights"
-    model = prepare_adapter_model(transformer, cfg.model, cfg.train.gradient_checkpointing).to(device)
-    if cfg.text.kind == "sd3" and not toy:
-        tokens = CLIP_TOKENS + cfg.text.max_sequence_length
-    else:
-        tokens = 8 if toy else cfg.text.standin_tokens
-    davae = None
-    if not cfg.data.cache_dir:  # the trainer encodes every batch with the frozen DA-VAE
-        from davae_core import DAVAE
+        source = f"{cfg.model.architecture}{' at toy width' if toy else ''}{f', {num_layers} blocks' if num_layers else ''}, random weights"
+    adapter = AdapterModel(prepare_adapter_model(transformer, cfg.model, cfg.train.gradient_checkpointing).to(device), cfg.model)
+    net = adapter.module.config
+    tokens = CLIP_TOKENS + cfg.text.max_sequence_length if cfg.text.kind == "sd3" and not toy else (8 if toy else cfg.text.standin_tokens)
+    # the text encoders' output shapes (their cost is not the transformer's: the hashing stand-in makes them)
+    text = HashingTextConditioner(net.joint_attention_dim, net.pooled_projection_dim, tokens).to(device)
+    res, b = cfg.data.images.resolution, cfg.train.batch_size
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    captions = [f"a test caption {i}" for i in range(b)]
+    if cfg.data.cache_dir:  # the trainer reads latents and text from the cache
+        embeds, pooled = text.encode(captions)
+        latents = torch.randn(b, net.in_channels, res // 16, res // 16, generator=gen, device=device)
+        cond = Conditioning(device, text=text, latent_factor=16)
+        batch = {"latents": latents, "embeds": embeds, "pooled": pooled}
+    else:  # the frozen DA-VAE encodes every micro-batch
+        cond = Conditioning(device, random_davae(cfg, toy, device), text, encode_batch_size=cfg.data.encode_batch_size)
+        batch = {"pixels": torch.rand(b, 3, res, res, generator=gen, device=device), "caption": captions}
+    return adapter, cond, batch, source, tokens
 
-        davae = DAVAE.from_base_vae(random_sd3_vae(toy), detail_channels=cfg.model.detail_channels)
-        davae = davae.to(device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.tokenizer.dtype])
-        davae.requires_grad_(False).eval()
-    return model, davae, tokens, source
+
+def random_davae(cfg, toy: bool, device: torch.device):
+    from davae_core import DAVAE
+    from davae_core.dtypes import dtype_from_name
+
+    davae = DAVAE.from_base_vae(random_sd3_vae(toy), detail_channels=cfg.model.detail_channels)
+    return davae.to(device, dtype_from_name(cfg.tokenizer.dtype, "tokenizer.dtype")).requires_grad_(False).eval()
 
 
 def compute_in_float32(model: nn.Module, storage: torch.dtype) -> None:
@@ -147,75 +158,157 @@ def compute_in_float32(model: nn.Module, storage: torch.dtype) -> None:
                 p.data = p.data.float()
 
 
+def step_engine(train, device: torch.device):
+    """The loop kit's engine on one device, one micro-batch per optimizer step, no trackers."""
+    from dataclasses import replace
+
+    from .loop import Engine
+    from .runtime import make_accelerator
+
+    train = replace(train, gradient_accumulation_steps=1, report_to="none", on_nonfinite="stop")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return Engine(train, make_accelerator(train, cpu=device.type == "cpu"))
+
+
+def run_steps(engine, step, batch, steps: int, log, first_step: int = 0) -> list[float]:
+    """``steps`` optimizer steps of the trainer's own ``step`` through the kit; seconds each."""
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        for micro in engine.micro_batches():
+            with engine.accumulate():
+                loss, logs = step(batch, first_step + i, engine.generator(micro))
+                engine.backward(loss, logs)
+        engine.update()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        times.append(time.perf_counter() - start)
+        log(f"step {i + 1}/{steps}: {times[-1]:.2f} s, loss {loss.item():.4f}")
+    return times
+
+
 def run_stage2(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float32: bool = True) -> dict[str, Any]:
-    from .stage2.model import make_ema, trained_parameters
-    from .stage2.objective import flow_matching_loss
-    from .optimizers import make_optimizer
+    from dataclasses import replace
 
     from .stage2.model import check_base_dtype
+    from .stage2.step import AdapterStep
 
-    loop = cfg.train
-    check_base_dtype(cfg.model.base_dtype, loop.mixed_precision)
-    torch.manual_seed(loop.seed)
-    model, davae, tokens, source = build_stage2(cfg, toy, device)
-    autocast = loop.mixed_precision
+    check_base_dtype(cfg.model.base_dtype, cfg.train.mixed_precision)
+    torch.manual_seed(cfg.train.seed)
+    adapter, cond, batch, source, tokens = build_stage2(cfg, toy, device)
+    autocast = cfg.train.mixed_precision
     if device.type == "cpu" and cfg.model.base_dtype == "bfloat16" and cpu_float32:
-        compute_in_float32(model, torch.bfloat16)
+        compute_in_float32(adapter.network, torch.bfloat16)
         autocast = "no"
-    model.train()
-    params = trained_parameters(model)
-    optimizer = make_optimizer(params.values(), loop)
-    ema = make_ema(model, cfg.model.ema_decay)
-    if ema is not None:
-        ema.to(device)
-    net_cfg = model.config
-    res = cfg.data.images.resolution
-    side = res // 16  # DA-VAE latents are f16
-    info = {
-        "stage": "stage2", "model": source, "layers": net_cfg.num_layers,
-        "hidden": net_cfg.num_attention_heads * net_cfg.attention_head_dim, "resolution": res,
-        "latent_shape": [1, net_cfg.in_channels, side, side], "text_tokens": tokens,
-        "params_total": _count(model), "params_trained": _count(model, True),
-        "base_dtype": cfg.model.base_dtype, "mixed_precision": loop.mixed_precision, "autocast": autocast, "optimizer": loop.optimizer,
-        "gradient_checkpointing": loop.gradient_checkpointing, "encodes_images": davae is not None,
-    }
-    log(f"preflight stage 2: {source}; {info['layers']} layers x {info['hidden']} wide; "
-        f"{info['params_total'] / 1e6:.1f}M parameters, {info['params_trained'] / 1e6:.1f}M trained; "
-        f"batch 1 at {res}px = latents {tuple(info['latent_shape'])}, {tokens} text tokens; base {cfg.model.base_dtype}, "
-        f"autocast {autocast}{' (CPU: float32 compute)' if autocast != loop.mixed_precision else ''}, {loop.optimizer}, gradient checkpointing {'on' if loop.gradient_checkpointing else 'off'}"
-        f"{', DA-VAE encode per step' if davae is not None else ''}")
-    gen = torch.Generator(device=device).manual_seed(loop.seed)
-    step_times = []
-    for step in range(steps):
-        start = time.perf_counter()
-        with torch.no_grad():
-            if davae is not None:
-                pixels = torch.rand(1, 3, res, res, generator=gen, device=device, dtype=next(davae.parameters()).dtype)
-                latents = davae.encode(pixels).float()
-            else:
-                latents = torch.randn(info["latent_shape"], generator=gen, device=device)
-        embeds = torch.randn(1, tokens, net_cfg.joint_attention_dim, generator=gen, device=device)
-        pooled = torch.randn(1, net_cfg.pooled_projection_dim, generator=gen, device=device)
+    engine = step_engine(replace(cfg.train, mixed_precision=autocast), device)
+    try:
+        adapter.network.train()
+        engine.prepare(adapter)
+        net_cfg = adapter.module.config
+        res = cfg.data.images.resolution
+        info = {
+            "stage": "stage2", "model": source, "layers": net_cfg.num_layers,
+            "hidden": net_cfg.num_attention_heads * net_cfg.attention_head_dim, "resolution": res,
+            "micro_batch": cfg.train.batch_size, "latent_shape": [cfg.train.batch_size, net_cfg.in_channels, res // 16, res // 16],
+            "text_tokens": tokens, "params_total": _count(adapter.module), "params_trained": _count(adapter.module, True),
+            "base_dtype": cfg.model.base_dtype, "mixed_precision": cfg.train.mixed_precision, "autocast": autocast,
+            "optimizer": cfg.train.optimizer, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "encodes_images": cond.davae is not None,
+        }
+        if cond.davae is not None:
+            info.update(encode_memory(cond, batch["pixels"], engine))
+        log(f"preflight stage 2: {source}; {info['layers']} layers x {info['hidden']} wide; "
+            f"{info['params_total'] / 1e6:.1f}M parameters, {info['params_trained'] / 1e6:.1f}M trained; "
+            f"micro-batch {cfg.train.batch_size} at {res}px = latents {tuple(info['latent_shape'])}, {tokens} text tokens; "
+            f"base {cfg.model.base_dtype}, autocast {autocast}{' (CPU: float32 compute)' if autocast != cfg.train.mixed_precision else ''}, "
+            f"{cfg.train.optimizer}, gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}"
+            + (f"; DA-VAE encode per step: weights {info['davae_weights_bytes'] / GIB:.2f} GiB, transient "
+               f"{info['encode_transient_bytes'] / GIB:.2f} GiB ({info['encode_transient_kind']}, "
+               f"{info['encode_batch_size']} images per pass)" if cond.davae is not None else ""))
+        times = run_steps(engine, AdapterStep(adapter, cond, cfg.objective), batch, steps, log)
+    finally:
+        engine.close()
+    return {**info, "step_seconds": times}
 
-        def model_fn(x_t, t):
-            return model(hidden_states=x_t, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
 
-        with _autocast(device, autocast):
-            losses = flow_matching_loss(model_fn, latents, step, cfg.objective, gen)
-        losses["loss"].backward()
-        if loop.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), loop.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(list(params.values()))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_times.append(time.perf_counter() - start)
-        log(f"step {step + 1}/{steps}: {step_times[-1]:.2f} s, loss {losses['loss'].item():.4f}")
-        if not torch.isfinite(losses["loss"]):
-            raise RuntimeError(f"step {step + 1}: the loss is {losses['loss'].item()}")
-    return {**info, "step_seconds": step_times}
+def encode_memory(cond, pixels: torch.Tensor, engine) -> dict[str, Any]:
+    """The frozen DA-VAE's weights and the transient of one micro-batch's encode (measured on a GPU,
+    estimated from the tensors alive at once on a CPU)."""
+    davae = cond.davae
+    weights = sum(p.numel() * p.element_size() for p in davae.parameters())
+    chunk = min(cond.encode_batch_size, pixels.shape[0])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.train.mixed_precision, next(davae.parameters()).dtype)
+    out = {"davae_weights_bytes": weights, "encode_batch_size": cond.encode_batch_size,
+           "encode_transient_bytes": encode_transient_bytes(davae.config, chunk, pixels.shape[-1], dtype),
+           "encode_transient_kind": f"estimate: tensors alive at once in {str(dtype).removeprefix('torch.')}"}
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+        before = torch.cuda.memory_allocated(engine.device)
+        torch.cuda.reset_peak_memory_stats(engine.device)
+        with engine.autocast():
+            cond.encode_images(pixels)
+        out["encode_transient_bytes"] = torch.cuda.max_memory_allocated(engine.device) - before
+        out["encode_transient_kind"] = "measured: torch.cuda.max_memory_allocated"
+    return out
+
+
+class LiveTensorBytes:
+    """Peak bytes of the tensors alive at once while a function runs (a dispatch mode; works on meta tensors)."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def __call__(self, fn) -> int:
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        meter = self
+
+        def freed(n: int) -> None:
+            meter.live -= n
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not (func.is_view or func._schema.is_mutable):  # views and in-place ops allocate nothing
+                    for t in tree_leaves(out):
+                        if isinstance(t, torch.Tensor):
+                            n = t.numel() * t.element_size()
+                            meter.live += n
+                            weakref.finalize(t, freed, n)
+                    meter.peak = max(meter.peak, meter.live)
+                return out
+
+        with Mode():
+            fn()
+        return self.peak
+
+
+def encode_transient_bytes(davae_config, images: int, resolution: int, dtype: torch.dtype) -> int:
+    """Estimated transient memory of encoding ``images`` square images with a DA-VAE of ``davae_config``:
+    the input and the activations alive at once, in ``dtype`` (a meta pass: nothing is computed).
+
+    Attention counts its output only, as GPU kernels run it (flash / memory-efficient): the meta
+    pass would otherwise spell out the (tokens x tokens) matrix of the VAE's mid-block (16384
+    tokens at 1024 px), which no GPU run holds.
+    """
+    from unittest import mock
+
+    from davae_core import DAVAE
+
+    def attention_output(query, key, value, *args, **kwargs):
+        return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+    with torch.device("meta"):
+        davae = DAVAE(davae_config).to(dtype).eval()
+        pixels = torch.rand(images, 3, resolution, resolution, dtype=dtype)
+    with torch.no_grad(), mock.patch("torch.nn.functional.scaled_dot_product_attention", attention_output):
+        peak = LiveTensorBytes()(lambda: davae.encode(pixels))
+    return peak + pixels.numel() * pixels.element_size()
 
 
 # ---------------------------------------------------------------------------- stage 1
@@ -250,82 +343,68 @@ class RandomVGG16Features(nn.Module):
         return dist
 
 
-def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float32: bool = True) -> dict[str, Any]:
-    from .optimizers import make_optimizer
-    from .stage1.losses import PatchDiscriminator, RandomFeaturePerceptual, TokenizerLoss, build_perceptual_loss, hinge_d_loss
-    from .stage1.trainer import build_model, make_target
+def build_stage1(cfg, toy: bool, device: torch.device):
+    """(TokenizerModel, batch, description) for a TokenizerTrainConfig: the trainer's builders, random weights
+    unless ``model.pretrained_vae`` names real ones, random images of the config's micro-batch."""
+    from .stage1.losses import RandomFeaturePerceptual
+    from .stage1.step import TokenizerModel
+    from .stage1.trainer import build_model
 
-    loop = cfg.train
-    torch.manual_seed(loop.seed)
     vae = None
     source = cfg.model.pretrained_vae
     if toy or not cfg.model.pretrained_vae:
         vae = random_sd3_vae(toy)
         source = f"SD3 VAE{' at toy width' if toy else ''}, random weights"
-    model, vae = build_model(cfg, vae)
-    model.to(device).train()
-    vae.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, loop)
-    perceptual = None
-    if cfg.loss.lpips_weight > 0:
-        # at toy width the VGG16 stack would dominate: the small random-feature stand-in there
-        perceptual = build_perceptual_loss(cfg.loss, RandomFeaturePerceptual() if toy else RandomVGG16Features())
-    loss_fn = TokenizerLoss(cfg.loss, perceptual).to(device)
-    disc = opt_d = None
-    if cfg.loss.uses_gan:
-        disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers, cfg.loss.disc_norm).to(device)
-        opt_d = make_optimizer(disc.parameters(), loop)
+    davae, vae = build_model(cfg, vae)
+    # at toy width the VGG16 stack would dominate: the small random-feature stand-in there
+    perceptual = (RandomFeaturePerceptual() if toy else RandomVGG16Features()) if cfg.loss.lpips_weight > 0 else None
+    model = TokenizerModel.build(cfg, davae.to(device), vae, perceptual).to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     res = cfg.data.resolution
+    batch = {"pixels": torch.rand(cfg.train.batch_size, 3, res, res, generator=gen, device=device)}
+    return model, batch, source
+
+
+def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float32: bool = True) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from .stage1.step import TokenizerStep
+
+    torch.manual_seed(cfg.train.seed)
+    model, batch, source = build_stage1(cfg, toy, device)
     # stage 1 keeps fp32 weights; on a CPU bf16 autocast only slows it down (reference bf16 GEMM/conv)
-    autocast = "no" if device.type == "cpu" and cpu_float32 else loop.mixed_precision
-    info = {"stage": "stage1", "model": source, "resolution": res, "params_total": _count(model),
-            "params_trained": _count(model, True), "discriminator": disc is not None,
-            "mixed_precision": loop.mixed_precision, "autocast": autocast, "optimizer": loop.optimizer,
-            "gradient_checkpointing": loop.gradient_checkpointing}
+    autocast = "no" if device.type == "cpu" and cpu_float32 else cfg.train.mixed_precision
     # the costliest phase of the loss schedule: past the GAN warm-up, the discriminator's
     # generator term and its own update run too, so the peak printed is the run's peak
+    disc = model.discriminator
     phase = max(0, cfg.loss.gan_start_step) if disc is not None else 0
-    info["loss_schedule_step"] = phase
-    log(f"preflight stage 1: DA-VAE on {source}; {info['params_total'] / 1e6:.1f}M parameters, "
-        f"{info['params_trained'] / 1e6:.1f}M trained; batch 1 at {res}px; autocast {autocast}, {loop.optimizer}, "
-        f"gradient checkpointing {'on' if loop.gradient_checkpointing else 'off'}, "
-        f"LPIPS {('small random-feature stand-in' if toy else 'VGG16-shaped, random weights') if perceptual is not None else 'off'}, GAN {'on' if disc is not None else 'off'}"
-        + (f" (losses as at step {phase}, past the GAN warm-up)" if phase else ""))
-    gen = torch.Generator(device=device).manual_seed(loop.seed)
-    last_layer = model.decoder_trunk.conv_out.weight
-    step_times, d_updates = [], 0
-    for step in range(steps):
-        start = time.perf_counter()
-        pixels = torch.rand(1, 3, res, res, generator=gen, device=device)
-        # the generator and discriminator updates of train_tokenizer.train, without accelerate
-        with _autocast(device, autocast):
-            target = make_target(cfg, vae, pixels)
-            outputs = model(pixels, sample_posterior=True, generator=gen)
-            if disc is not None:
-                disc.requires_grad_(False)
-            total, logs = loss_fn.generator_loss(outputs, target, phase + step, disc, last_layer)
-        total.backward()
-        if loop.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, loop.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if disc is not None and loss_fn.gan_active(phase + step):
-            disc.requires_grad_(True)
-            with _autocast(device, autocast):
-                real, fake = disc(torch.cat([target, outputs["reconstruction"].detach()])).chunk(2)
-                d_loss = hinge_d_loss(real, fake)
-            d_loss.backward()
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            d_updates += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_times.append(time.perf_counter() - start)
-        log(f"step {step + 1}/{steps}: {step_times[-1]:.2f} s, loss {total.item():.4f}")
-        if not torch.isfinite(total):
-            raise RuntimeError(f"step {step + 1}: the loss is {total.item()}")
-    return {**info, "step_seconds": step_times, "discriminator_updates": d_updates}
+    engine = step_engine(replace(cfg.train, mixed_precision=autocast), device)
+    try:
+        model.network.train()
+        engine.prepare(model)
+        info = {"stage": "stage1", "model": source, "resolution": cfg.data.resolution, "micro_batch": cfg.train.batch_size,
+                "params_total": _count(model.module), "params_trained": _count(model.module, True),
+                "discriminator": disc is not None, "mixed_precision": cfg.train.mixed_precision, "autocast": autocast,
+                "optimizer": cfg.train.optimizer, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                "loss_schedule_step": phase}
+        log(f"preflight stage 1: DA-VAE on {source}; {info['params_total'] / 1e6:.1f}M parameters, "
+            f"{info['params_trained'] / 1e6:.1f}M trained; micro-batch {cfg.train.batch_size} at {cfg.data.resolution}px; "
+            f"autocast {autocast}, {cfg.train.optimizer}, gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, "
+            f"LPIPS {('small random-feature stand-in' if toy else 'VGG16-shaped, random weights') if model.loss.perceptual is not None else 'off'}, "
+            f"GAN {'on' if disc is not None else 'off'}" + (f" (losses as at step {phase}, past the GAN warm-up)" if phase else ""))
+        step = TokenizerStep(cfg, model, loss_step_offset=phase)
+        d_updates = 0
+
+        def counting(batch, s, gen):
+            nonlocal d_updates
+            loss, logs = step(batch, s, gen)
+            d_updates += "loss/gan_d" in logs
+            return loss, logs
+
+        times = run_steps(engine, counting, batch, steps, log)
+    finally:
+        engine.close()
+    return {**info, "step_seconds": times, "discriminator_updates": d_updates}
 
 
 # ---------------------------------------------------------------------------- command line

@@ -2,14 +2,13 @@
 
 * :class:`OutputLock`: one run per output folder (owner host and pid in ``run.lock``; a lock whose
   process died on this host is stale and taken over; a lock from another host is refused).
-* :func:`check_resume_config`: what may change between a checkpoint's config and the resumed one.
-* :class:`NonFiniteGuard`: a non-finite loss or gradient stops the run (or skips the step).
+* :class:`NonFiniteGuard`: a non-finite loss or gradient stops the run (or skips the step), with one
+  device read per optimizer step.
 * :func:`check_finite_tensors`: exports refuse NaN/inf weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -20,7 +19,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .config import ConfigError, TrainLoopConfig
+from .config import ConfigError
+from .sharding import full_tensor
 
 logger = logging.getLogger("davae_training")
 
@@ -121,89 +121,6 @@ class OutputLock:
         self.release()
 
 
-# ---------------------------------------------------------------------------- resume config diff
-class ResumeConfigError(ConfigError):
-    """The resumed config changes keys that would break the exact resume."""
-
-
-LEARNING_RATE_KEY = "train.learning_rate"
-# keys that change neither the data order nor the maths of a step: applied on resume and logged
-SAFE_KEYS = frozenset({
-    "train.output_dir", "train.max_steps", "train.log_every", "train.checkpoint_every", "train.checkpoints_total_limit",
-    "train.image_every", "train.report_to", "train.project_name", "train.dataloader_num_workers",
-    "train.gradient_checkpointing", "train.on_nonfinite",
-    "data.index_cache", "data.images.index_cache",  # where the file index is cached, not what it holds
-    "train.recipe_global_batch",  # documents the recipe; the launch decides the batch
-})
-SAFE_SECTIONS = ("export.", "stats.", "sampling.")  # what happens after or beside training
-# where the samples come from: a run that continues an earlier phase (train.continue_from) may change
-# these, and reads its data from the start (stage 1 has them under data., stage 2 under data.images.)
-_DATA_SOURCE_FIELDS = ("sources", "format", "max_images", "verify_images", "hf_image_column", "hf_caption_column",
-                       "hf_split", "streaming", "shuffle_buffer")
-PHASE_DATA_KEYS = frozenset({f"data.{f}" for f in _DATA_SOURCE_FIELDS} | {f"data.images.{f}" for f in _DATA_SOURCE_FIELDS}
-                            | {"data.cache_dir", "train.continue_from"})
-# a checkpoint written before a train.* key existed ran with its default
-_LOOP_DEFAULTS = {f"train.{f.name}": f.default for f in dataclasses.fields(TrainLoopConfig) if f.default is not dataclasses.MISSING}
-
-
-def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], change_learning_rate: bool,
-                        checkpoint: str | os.PathLike, new_phase: bool = False) -> dict[str, tuple[Any, Any]]:
-    """The keys that differ (``{key: (saved, now)}``) if all may change; otherwise ResumeConfigError.
-
-    ``new_phase``: the checkpoint is an earlier phase's (``train.continue_from``), whose data may differ.
-    """
-    old, new = flatten_config(saved), flatten_config(current)
-    missing = object()
-    for key, default in _LOOP_DEFAULTS.items():
-        if key not in old and key in new:
-            old[key] = default
-    diff = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)}
-    show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
-    allowed = SAFE_KEYS | PHASE_DATA_KEYS if new_phase else SAFE_KEYS
-    unsafe = [k for k in diff if k != LEARNING_RATE_KEY and k not in allowed and not k.startswith(SAFE_SECTIONS)]
-    problems = [f"{k}: {show(diff[k][0])} -> {show(diff[k][1])}" for k in unsafe]
-    if "train.max_steps" in diff and new.get("train.lr_schedule") == "cosine" and new.get("train.lr_decay_steps") is None:
-        problems.append(f"train.max_steps: {show(diff['train.max_steps'][0])} -> {show(diff['train.max_steps'][1])} "
-                        "(the cosine learning rate decays over max_steps; set train.lr_decay_steps="
-                        f"{show(diff['train.max_steps'][0])} to keep its curve)")
-    if LEARNING_RATE_KEY in diff and not change_learning_rate:
-        problems.append(f"{LEARNING_RATE_KEY}: {show(diff[LEARNING_RATE_KEY][0])} -> {show(diff[LEARNING_RATE_KEY][1])} "
-                        "(the optimizer state holds the old rate; add --change-learning-rate to apply the new one)")
-    if problems:
-        raise ResumeConfigError(
-            f"--resume from {checkpoint}: the config differs from the one this checkpoint was trained with in "
-            f"key(s) that break an exact resume:\n  " + "\n  ".join(problems) +
-            "\nPut the old values back (they are in " + str(Path(checkpoint) / "config.yaml") + "), or start a new run "
-            "(no --resume, or another train.output_dir).")
-    return {k: (None if a is missing else a, None if b is missing else b) for k, (a, b) in diff.items()}
-
-
-def apply_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:
-    """Make a resumed optimizer and scheduler use ``learning_rate`` as their base rate from now on.
-
-    ``load_state`` restores the old base rate into both; the scheduler's factor at the current step
-    (warm-up, decay) is kept, only the base changes.
-    """
-    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
-    for i, group in enumerate(optimizer.param_groups):
-        old_base = sched.base_lrs[i]
-        factor = group["lr"] / old_base if old_base else 1.0
-        sched.base_lrs[i] = learning_rate
-        group["initial_lr"] = learning_rate
-        group["lr"] = learning_rate * factor
-    sched._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
 # ---------------------------------------------------------------------------- non-finite losses and gradients
 class NonFiniteError(FloatingPointError):
     """A non-finite loss, gradient or weight: the run stops before it spreads into weights or exports."""
@@ -214,7 +131,9 @@ class NonFiniteGuard:
 
     ``policy="stop"`` raises :class:`NonFiniteError` naming the step and the last good checkpoint;
     ``"skip"`` drops that optimizer step (weights and optimizer state unchanged) and goes on.
-    All ranks decide together (one all-reduce per optimizer step), so none is left waiting.
+    Losses are flagged on the device (no wait per micro-batch); at the optimizer step the flags
+    and the gradients' total norm (one fused reduction, or the norm clipping already computed)
+    go through one all-reduce and one read, so all ranks decide together and none is left waiting.
     """
 
     def __init__(self, accelerator, policy: str, last_good_checkpoint: Callable[[], Any]):
@@ -223,31 +142,44 @@ class NonFiniteGuard:
         self.accelerator = accelerator
         self.policy = policy
         self.last_good_checkpoint = last_good_checkpoint
-        self.bad_loss = False
+        self.bad_loss: torch.Tensor | None = None
         self.skipped = 0
         # with fp16 loss scaling, inf gradients are routine: the scaler skips those steps itself
         self.check_grads = getattr(accelerator, "scaler", None) is None
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self.bad_loss = True
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.bad_loss = bad if self.bad_loss is None else self.bad_loss | bad
 
-    def skip_step(self, parameters: Iterable[torch.Tensor], step: int) -> bool:
-        """At an optimizer step: True to skip it (policy "skip"); raises under policy "stop"."""
-        bad_grad = self.check_grads and any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in parameters)
-        flags = torch.tensor([float(self.bad_loss), float(bad_grad)], device=self.accelerator.device)
-        flags = self.accelerator.reduce(flags, reduction="sum")
-        self.bad_loss = False
-        if not bool((flags > 0).any()):
+    def skip_step(self, parameters: Iterable[torch.Tensor], step: int, grad_norm: torch.Tensor | None = None,
+                  applied: bool = False) -> bool:
+        """At an optimizer step: True to skip it (policy "skip"); raises under policy "stop".
+
+        ``grad_norm``: the gradients' total norm when clipping computed it (else it is computed
+        here over ``parameters``); ``applied``: the engine has already stepped (DeepSpeed).
+        """
+        device = self.accelerator.device
+        bad_grad = torch.zeros((), dtype=torch.bool, device=device)
+        if self.check_grads:
+            if grad_norm is None:
+                grads = [p.grad for p in parameters if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if grad_norm is not None:
+                bad_grad = ~torch.isfinite(full_tensor(grad_norm).to(device))
+        bad_loss = self.bad_loss.to(device) if self.bad_loss is not None else torch.zeros((), dtype=torch.bool, device=device)
+        self.bad_loss = None
+        flags = self.accelerator.reduce(torch.stack([bad_loss, bad_grad]).float(), reduction="sum").tolist()
+        if not any(f > 0 for f in flags):
             return False
-        what = " and ".join(w for w, f in zip(("loss", "gradient"), flags.tolist()) if f > 0)
+        what = " and ".join(w for w, f in zip(("loss", "gradient"), flags) if f > 0)
         if self.policy == "skip":
             self.skipped += 1
             logger.warning("non-finite %s at step %d: step skipped (train.on_nonfinite=skip; %d skipped so far)", what, step, self.skipped)
             return True
         last = self.last_good_checkpoint()
+        when = ("DeepSpeed had already applied this step" if applied else "stopped before the weights took it")
         raise NonFiniteError(
-            f"non-finite {what} at step {step}: stopped before the weights took it. Last good checkpoint: "
+            f"non-finite {what} at step {step}: {when}. Last good checkpoint: "
             f"{last if last is not None else 'none'}. Resume from it with --resume latest (a lower learning rate: "
             f"--set train.learning_rate=... --change-learning-rate), or set train.on_nonfinite=skip to skip such steps.")
 

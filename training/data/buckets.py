@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ..common import derive_seed
+from ..runtime import derive_seed
 
 GRID = 16  # stage 1's bucket sides are multiples of this (the DA-VAE's latent factor)
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..common import derive_seed
+from ..runtime import derive_seed
 from .buckets import GRID, admit, crop_to_tensor, make_buckets, nearest_bucket
 
 logger = logging.getLogger("davae_training.data")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..common import derive_seed
+from ..runtime import derive_seed
 from .buckets import GRID, admit, crop_to_bucket, make_buckets
 from .images import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, JSON_CAPTION_FIELDS, ImageDataConfig, crop_image
 

@@ -326,7 +326,7 @@ def side_by_side(real: torch.Tensor, samples: dict[str, torch.Tensor], path: Pat
     """Columns: a real 128 px image | baseline (64 px, bicubic) | DA (128 px), each with a label."""
     from PIL import Image, ImageDraw
 
-    from ..common import to_uint8_image
+    from ..images import to_uint8_image
 
     tokens = token_grid()
     columns = [("real 128 px", real), (f"baseline: 64 px, {tokens} tokens", samples["baseline"]),

@@ -34,7 +34,8 @@ from davae_core import DAVAE, load_davae
 from davae_core.atomic_files import write_json_atomic
 from davae_core.dtypes import DTYPES
 
-from ..common import save_image_grid, setup_plain_logging
+from ..images import save_image_grid
+from ..runtime import setup_plain_logging
 from ..data.images import ImageDataConfig, ImageDataset, ResumableSampler, build_index, make_dataloader
 from .losses import TokenizerLossConfig, build_perceptual_loss
 from .config import TokenizerModelConfig

@@ -56,6 +56,7 @@ from torch.utils.data import Dataset
 from davae_core.atomic_files import atomic_write, write_json_atomic
 from davae_core.dtypes import dtype_from_name
 
+from ..checkpoints import file_sha256
 from ..data.buckets import make_buckets
 from ..data.images import ImageDataConfig, ImageRecord, load_rgb, read_caption
 from ..data.streams import StreamReport, decode_rgb, make_source, sample_pixels
@@ -90,9 +91,7 @@ def cache_settings(images: ImageDataConfig, bucket_grid: int | None) -> dict[str
 
 def davae_identity(tokenizer: TokenizerConfig) -> dict[str, Any]:
     """The DA-VAE that encodes, by content (its file's SHA-256), and the dtype it runs in."""
-    from ..common import _sha256
-
-    return {"tokenizer.sha256": _sha256(Path(tokenizer.path)), "tokenizer.dtype": tokenizer.dtype}
+    return {"tokenizer.sha256": file_sha256(Path(tokenizer.path)), "tokenizer.dtype": tokenizer.dtype}
 
 
 def expected_encoding(cfg) -> dict[str, Any]:

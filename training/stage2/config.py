@@ -24,6 +24,9 @@ class CaptionDataConfig:
     cache_dtype: str = "bfloat16"  # "float32" | "float16" | "bfloat16"
     cache_shard_size: int = 256  # source positions per cache window; a window writes one shard per bucket
     cache_batch_size: int = 4  # images encoded at once while building the cache
+    # without a cache: images per DA-VAE pass in each training step (in the autocast dtype); the
+    # encode's transient memory grows with it (bench.plan, preflight)
+    encode_batch_size: int = 4
 
 
 @dataclass

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -29,23 +30,32 @@ from torch import nn
 from davae_core.atomic_files import atomic_write
 from davae_core.checkpoint import save_heads
 from davae_core.dtypes import DTYPES
+from davae_core.heads import DAHeads
 
-from .model import ADAPTER_NAME, da_heads, lora_wrapped_names
+from .model import ADAPTER_NAME, ExportLayout
 
 LORA_PREFIX = "transformer."
+# trained tensor names of the patched transformer -> names in a DAHeads module
+HEAD_NAMES = {"pos_embed.proj.detail.": "detail_embed.", "proj_out.detail.": "detail_out.",
+              "pos_embed.proj.stock.": "base_embed.", "proj_out.stock.": "base_out."}
+STOCK = {"pos_embed.proj.stock.": "pos_embed.proj.", "proj_out.stock.": "proj_out."}  # -> names in the base model
 
 
-def lora_state_dict_for_comfy(transformer: nn.Module, alpha_keys: str = "auto",
+def export_tensors(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a live, whole transformer exports: its LoRA and all four heads."""
+    return {n: p.detach() for n, p in transformer.named_parameters() if "lora_" in n or n.startswith(tuple(HEAD_NAMES))}
+
+
+# ---------------------------------------------------------------------------- LoRA
+def lora_state_dict_for_comfy(tensors: dict[str, torch.Tensor], config: Any, alpha_keys: str = "auto",
                               dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
-    """``transformer.``-prefixed peft LoRA tensors (+ ``.alpha``) and the LoraConfig as a dict."""
-    from peft import get_peft_model_state_dict
-
-    config = transformer.peft_config[ADAPTER_NAME]
+    """``transformer.``-prefixed LoRA tensors with peft's saved names (+ ``.alpha``) and the LoraConfig as a dict."""
     rank, alpha = int(config.r), float(config.lora_alpha)
     if config.rank_pattern or config.alpha_pattern:
         raise ValueError("per-layer rank/alpha patterns cannot be expressed for ComfyUI's loaders; train with one rank/alpha")
-    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
-    out = {LORA_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    adapter = f".{ADAPTER_NAME}."
+    out = {LORA_PREFIX + k.replace(adapter, "."): v.detach().to("cpu", dtype).contiguous()
+           for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
     write_alpha = alpha_keys == "always" or (alpha_keys == "auto" and alpha != rank)
     if write_alpha:
         for layer in {k.rsplit(".lora_A.", 1)[0] for k in out if ".lora_A." in k}:
@@ -55,35 +65,39 @@ def lora_state_dict_for_comfy(transformer: nn.Module, alpha_keys: str = "auto",
     return out, meta
 
 
-def export_lora(transformer: nn.Module, path: str | os.PathLike, alpha_keys: str = "auto", info: dict | None = None,
-                dtype: torch.dtype = torch.float32) -> Path:
-    tensors, meta = lora_state_dict_for_comfy(transformer, alpha_keys, dtype)
-    layers = lora_wrapped_names(transformer)
-    exported = {k[len(LORA_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
-    dropped = sorted(set(layers) - exported)
+def write_lora(tensors: dict[str, torch.Tensor], layout: ExportLayout, path: str | os.PathLike, alpha_keys: str = "auto",
+               info: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    out, meta = lora_state_dict_for_comfy(tensors, layout.lora_config, alpha_keys, dtype)
+    exported = {k[len(LORA_PREFIX):].rsplit(".lora_", 1)[0] for k in out if ".lora_" in k}
+    dropped = sorted(set(layout.lora_layers) - exported)
     if dropped:  # would silently weaken the LoRA in ComfyUI
         raise RuntimeError(f"{len(dropped)} LoRA layers have no exported tensors, e.g. {dropped[:3]}")
     header = {"format": "pt", "lora_adapter_metadata": json.dumps(meta), "davae_info": json.dumps(info or {})}
-    return _atomic_save(tensors, Path(path), header)
+    return _atomic_save(out, Path(path), header)
 
 
-def base_heads_changed(transformer: nn.Module, base_state: dict[str, torch.Tensor], atol: float = 0.0) -> bool:
+# ---------------------------------------------------------------------------- heads
+def base_heads_changed(tensors: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor], atol: float = 0.0) -> bool:
     """Whether the trained P or O differ from the pretrained ``pos_embed.proj`` / ``proj_out``."""
-    heads = da_heads(transformer, include_base=True)
-    pairs = [(heads.base_embed, "pos_embed.proj"), (heads.base_out, "proj_out")]
-    for layer, name in pairs:
-        for pname, p in layer.named_parameters():
-            ref = base_state[f"{name}.{pname}"].to(p.device, torch.float32)
-            if not torch.allclose(p.detach().float(), ref, atol=atol, rtol=0):
-                return True
+    for name, t in tensors.items():
+        for trained_prefix, base_prefix in STOCK.items():
+            if name.startswith(trained_prefix):
+                ref = base_state[base_prefix + name[len(trained_prefix):]].to(torch.float32)
+                if not torch.allclose(t.detach().float().cpu(), ref, atol=atol, rtol=0):
+                    return True
     return False
 
 
-def export_heads(transformer: nn.Module, path: str | os.PathLike, base_state: dict[str, torch.Tensor] | None = None,
-                 info: dict | None = None) -> Path:
+def write_heads(tensors: dict[str, torch.Tensor], layout: ExportLayout, path: str | os.PathLike,
+                base_state: dict[str, torch.Tensor] | None = None, info: dict | None = None) -> Path:
     """P', O' always; P, O when ``base_state`` is None or they moved away from it."""
-    include_base = base_state is None or base_heads_changed(transformer, base_state)
-    heads = da_heads(transformer, include_base=include_base)
+    include_base = base_state is None or base_heads_changed(tensors, base_state)
+    heads = DAHeads(layout.heads_config)
+    if include_base:
+        heads.add_base_layers()
+    state = {HEAD_NAMES[prefix] + name[len(prefix):]: t.detach().float().cpu()
+             for name, t in tensors.items() for prefix in HEAD_NAMES if name.startswith(prefix)}
+    heads.load_state_dict({k: v for k, v in state.items() if include_base or not k.startswith("base_")})
     about = {"base_heads": "retrained P and O included" if include_base else "stock P and O (unchanged)", **(info or {})}
     return save_heads(heads, path, info=about)
 
@@ -94,17 +108,38 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     return path
 
 
+# ---------------------------------------------------------------------------- both files
+def write_for_comfy(tensors: dict[str, torch.Tensor], layout: ExportLayout, out_dir: str | os.PathLike, name: str,
+                    base_state: dict[str, torch.Tensor] | None, alpha_keys: str = "auto", info: dict | None = None,
+                    lora_dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """``<name>_lora.safetensors`` (when the model has a LoRA) and ``<name>_heads.safetensors`` from whole tensors:
+    the trainer's gathered (EMA) tensors under any engine, or a live transformer's (:func:`export_for_comfy`)."""
+    from ..run_safety import check_finite_tensors
+
+    check_finite_tensors(tensors.items(), f"export to {out_dir}")  # what the files hold
+    out = Path(out_dir)
+    paths = {}
+    if layout.lora_config is not None:
+        paths["lora"] = write_lora(tensors, layout, out / f"{name}_lora.safetensors", alpha_keys, info, lora_dtype)
+    paths["heads"] = write_heads(tensors, layout, out / f"{name}_heads.safetensors", base_state, info)
+    return paths
+
+
+def export_lora(transformer: nn.Module, path: str | os.PathLike, alpha_keys: str = "auto", info: dict | None = None,
+                dtype: torch.dtype = torch.float32) -> Path:
+    return write_lora(export_tensors(transformer), ExportLayout.of(transformer), path, alpha_keys, info, dtype)
+
+
+def export_heads(transformer: nn.Module, path: str | os.PathLike, base_state: dict[str, torch.Tensor] | None = None,
+                 info: dict | None = None) -> Path:
+    return write_heads(export_tensors(transformer), ExportLayout.of(transformer), path, base_state, info)
+
+
 def export_for_comfy(transformer: nn.Module, out_dir: str | os.PathLike, name: str, base_state: dict[str, torch.Tensor] | None,
                      alpha_keys: str = "auto", info: dict | None = None, lora_dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    from ..run_safety import check_finite_tensors
-    from .model import trained_parameters
-
-    check_finite_tensors(trained_parameters(transformer).items(), f"export to {out_dir}")  # what the files hold
-    out = Path(out_dir)
-    return {
-        "lora": export_lora(transformer, out / f"{name}_lora.safetensors", alpha_keys, info, lora_dtype),
-        "heads": export_heads(transformer, out / f"{name}_heads.safetensors", base_state, info),
-    }
+    """Both files from a live, whole transformer (one process)."""
+    return write_for_comfy(export_tensors(transformer), ExportLayout.of(transformer), out_dir, name, base_state, alpha_keys,
+                           info, lora_dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

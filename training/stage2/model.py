@@ -12,6 +12,10 @@ diffusers' ``SD3Transformer2DModel`` from a local diffusers folder, with
 * P and O (the stock ``pos_embed.proj`` and ``proj_out``) trained in full, as the authors do;
 * everything else frozen, gradient checkpointing on request (``train.gradient_checkpointing``),
   and an EMA of exactly the trained parameters.
+
+:class:`AdapterModel` is the model object the loop kit (:mod:`davae_training.loop`) trains: the
+network, its trained parameters and EMA, the base P and O as loaded (the export ships them only
+if training moved them), and what the export needs to know of the LoRA and the heads.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import SD3Transformer2DModel
 from torch import nn
 
+from davae_core.heads import DAHeads, HeadsConfig, attach_to_sd3_transformer, heads_config_for_diffusers, heads_from_sd3_transformer
 from davae_core.mmdit_keys import SD3_LORA_TARGETS
-from davae_core.heads import DAHeads, attach_to_sd3_transformer, heads_config_for_diffusers, heads_from_sd3_transformer
+
+from ..loop import TrainedModel, unwrap
+from ..sharding import load_whole_
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +87,7 @@ def resolve_transformer_dir(path: str | Path) -> Path:
 
 
 def load_base_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
-    from ..sd35_single_file import is_single_file, load_single_file_transformer
+    from .sd35_single_file import is_single_file, load_single_file_transformer
 
     if is_single_file(path):  # sd3.5_medium.safetensors, as ComfyUI loads it
         folder, model = Path(path), load_single_file_transformer(path, dtype)
@@ -173,12 +181,12 @@ def read_patch_size(pretrained: str | Path) -> int:
     """The transformer's patch size from ``model.pretrained`` without loading its weights."""
     import json
 
-    from ..sd35_single_file import is_single_file
+    from .sd35_single_file import is_single_file
 
     if is_single_file(pretrained):
         from safetensors import safe_open
 
-        from ..sd35_single_file import PREFIX
+        from .sd35_single_file import PREFIX
 
         with safe_open(str(pretrained), framework="pt") as f:
             key = PREFIX + "x_embedder.proj.weight"
@@ -216,43 +224,66 @@ def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-@torch.no_grad()
 def load_trained_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Put trained tensors back; refuses missing, extra or mis-shaped names."""
-    params = trained_parameters(model)
-    missing = sorted(set(params) - set(state))
-    extra = sorted(set(state) - set(params))
-    if missing or extra:
-        raise ValueError(
-            f"{source}: does not match this adapter model ({len(missing)} missing, e.g. {missing[:2]}; "
-            f"{len(extra)} unexpected, e.g. {extra[:2]}); was it trained with another LoRA rank/targets "
-            "or detail_channels? Use the run's own config"
-        )
-    for name, p in params.items():
-        if tuple(state[name].shape) != tuple(p.shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model needs {tuple(p.shape)}")
-        p.copy_(state[name].to(p.dtype))
+    load_whole_(trained_parameters(model), state, source, LOAD_HINT)
 
 
-def make_ema(model: nn.Module, decay: float):
-    """diffusers' EMAModel over the trained parameters (None when ``decay`` is 0)."""
-    if decay <= 0:
-        return None
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel(list(trained_parameters(model).values()), decay=decay)
+LOAD_HINT = "was it trained with another LoRA rank/targets or detail_channels? Use the run's own config"
 
 
 def da_heads(model: nn.Module, include_base: bool = False) -> DAHeads:
     return heads_from_sd3_transformer(model, include_base=include_base)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformer inside DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+def stock_head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The current P and O (``pos_embed.proj``/``proj_out`` of the stock model) as CPU copies."""
+    net = unwrap(model)
+    layers = {"pos_embed.proj": net.pos_embed.proj.stock, "proj_out": net.proj_out.stock}
+    return {f"{name}.{k}": v.detach().float().cpu().clone() for name, layer in layers.items() for k, v in layer.state_dict().items()}
+
+
+@dataclass
+class ExportLayout:
+    """What the export needs to know of an adapter model beside its tensors."""
+
+    heads_config: HeadsConfig
+    lora_config: Any | None  # peft LoraConfig; None without LoRA
+    lora_layers: list[str]
+
+    @classmethod
+    def of(cls, transformer: nn.Module) -> "ExportLayout":
+        peft = getattr(transformer, "peft_config", {})
+        return cls(da_heads(transformer).config, peft.get(ADAPTER_NAME), lora_wrapped_names(transformer))
+
+
+class AdapterModel(TrainedModel):
+    """The stage-2 model object: the patched SD3 transformer and what training, sampling and export need."""
+
+    shard_classes = ("JointTransformerBlock",)  # FSDP2 shards each MMDiT block; P, P', O, O' go with the root
+    weights_file = "adapter_trained.safetensors"  # only what stage 2 trains: the frozen base never goes to a run folder
+    ema_file = "adapter_trained_ema.safetensors"
+    load_hint = LOAD_HINT
+
+    def __init__(self, network: nn.Module, cfg: AdapterModelConfig):
+        super().__init__(network, ema_decay=cfg.ema_decay)
+        self.config = cfg
+        self.base_heads = stock_head_state(network)  # as loaded: the export ships P and O only if training moved them
+        self.layout = ExportLayout.of(network)  # taken whole, before any engine shards the network
+
+    @classmethod
+    def build(cls, cfg: AdapterModelConfig, gradient_checkpointing: bool = False) -> "AdapterModel":
+        return cls(build_adapter_model(cfg, gradient_checkpointing), cfg)
+
+    @property
+    def patch_size(self) -> int:
+        from .latent_grid import transformer_patch_size
+
+        return transformer_patch_size(self.module)
+
+    def predictor(self, embeds: torch.Tensor, pooled: torch.Tensor):
+        """``(x_t, t) -> output`` of the (prepared) network for this text conditioning."""
+        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.network(hidden_states=x_t, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                return_dict=False)[0]
+        return predict

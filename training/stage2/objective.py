@@ -79,9 +79,7 @@ def drop_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Replace each sample's conditioning by the empty prompt's with probability ``p``."""
     keep_draw = torch.rand(embeds.shape[0], generator=generator, device=generator.device).to(embeds.device)
-    drop = keep_draw < p
-    if not drop.any():
-        return embeds, pooled, drop
+    drop = keep_draw < p  # applied by torch.where below: no host wait to ask whether any sample dropped
     if null_embeds.shape[-2:] != embeds.shape[-2:]:
         raise ValueError(f"empty-prompt embedding {tuple(null_embeds.shape)} does not fit the batch's {tuple(embeds.shape)}")
     e = torch.where(drop.view(-1, 1, 1), null_embeds.to(embeds).expand_as(embeds), embeds)

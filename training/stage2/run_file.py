@@ -15,52 +15,31 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..common import FINAL_DIR, RUN_CONFIG, latest_complete_checkpoint
+from ..checkpoints import FINAL_DIR, RUN_CONFIG, latest_complete_checkpoint
 from ..config import load_config
 from .config import AdapterTrainConfig
-from .model import build_adapter_model, load_trained_state_dict, trained_parameters, unwrap
+from .model import AdapterModel, build_adapter_model, load_trained_state_dict, stock_head_state
 
 logger = logging.getLogger("davae_training")
 
-TRAINED_FILE = "adapter_trained.safetensors"
-EMA_FILE = "adapter_trained_ema.safetensors"
+TRAINED_FILE = AdapterModel.weights_file
+EMA_FILE = AdapterModel.ema_file
 
 
-def save_trained(model: torch.nn.Module, ema, folder: str | os.PathLike) -> None:
-    """Only what stage 2 trains (LoRA, P, P', O, O'), and its EMA, as safetensors."""
+def save_trained(trained: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], folder: str | os.PathLike,
+                 ema_step: int = 0) -> None:
+    """Whole trained tensors (and their EMA, when there is one) as safetensors."""
     folder = Path(folder)
-    params = trained_parameters(unwrap(model))
-    save_file({n: p.detach().float().cpu().contiguous() for n, p in params.items()}, str(folder / TRAINED_FILE))
-    if ema is not None:
-        shadow = {n: s.detach().float().cpu().contiguous() for n, s in zip(params, ema.shadow_params)}
-        save_file(shadow, str(folder / EMA_FILE), metadata={"optimization_step": str(ema.optimization_step)})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.float().contiguous() for n, t in trained.items()}, str(folder / TRAINED_FILE))
+    if ema:
+        save_file({n: t.float().contiguous() for n, t in ema.items()}, str(folder / EMA_FILE),
+                  metadata={"optimization_step": str(ema_step)})
 
 
 def read_trained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def load_trained(model: torch.nn.Module, ema, folder: str | os.PathLike) -> None:
-    folder = Path(folder)
-    state, _ = read_trained(folder / TRAINED_FILE)
-    load_trained_state_dict(unwrap(model), state, str(folder / TRAINED_FILE))
-    if ema is not None:
-        if not (folder / EMA_FILE).is_file():
-            raise FileNotFoundError(f"{folder / EMA_FILE}: missing; this run has an EMA (model.ema_decay > 0) but the checkpoint has none")
-        shadow, meta = read_trained(folder / EMA_FILE)
-        names = list(trained_parameters(unwrap(model)))
-        with torch.no_grad():
-            for name, s in zip(names, ema.shadow_params):
-                s.copy_(shadow[name].to(s))
-        ema.optimization_step = int(meta.get("optimization_step", 0))
-
-
-def stock_head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The current P and O (``pos_embed.proj``/``proj_out`` of the stock model) as CPU copies."""
-    net = unwrap(model)
-    layers = {"pos_embed.proj": net.pos_embed.proj.stock, "proj_out": net.proj_out.stock}
-    return {f"{name}.{k}": v.detach().float().cpu().clone() for name, layer in layers.items() for k, v in layer.state_dict().items()}
 
 
 def run_info(cfg: AdapterTrainConfig, source: str, ema: bool) -> dict[str, Any]:
