@@ -192,16 +192,17 @@ def stage1_inputs(fixtures_dir, tmp_path_factory):
     return fixtures_dir / "sd3_vae", folder, root
 
 
+def _stage1_sets(inputs, out: Path) -> list[str]:
+    vae, images, _ = inputs
+    return [f"train.output_dir={out}", f"model.pretrained_vae={vae}", f"data.sources=[{images}]", "data.resolution=32",
+            "train.max_steps=4", "train.batch_size=1", "train.gradient_accumulation_steps=2", "train.checkpoint_every=2",
+            "train.checkpoints_total_limit=5", "train.log_every=1", "train.image_every=4", "train.report_to=none",
+            "loss.gan_start_step=1", "stats.num_images=4"]
+
+
 def _stage1(engine: str, inputs) -> tuple[Path, Path]:
-    vae, images, root = inputs
-
-    def sets(out: Path) -> list[str]:
-        return [f"train.output_dir={out}", f"model.pretrained_vae={vae}", f"data.sources=[{images}]", "data.resolution=32",
-                "train.max_steps=4", "train.batch_size=1", "train.gradient_accumulation_steps=2", "train.checkpoint_every=2",
-                "train.checkpoints_total_limit=5", "train.log_every=1", "train.image_every=4", "train.report_to=none",
-                "loss.gan_start_step=1", "stats.num_images=4"]
-
-    return _run_pair("stage1", engine, "davae_training.train_tokenizer", CONFIGS / "tokenizer_tiny.yaml", sets, root)
+    return _run_pair("stage1", engine, "davae_training.train_tokenizer", CONFIGS / "tokenizer_tiny.yaml",
+                     lambda out: _stage1_sets(inputs, out), inputs[2])
 
 
 def _stage1_final(run: Path) -> dict[str, torch.Tensor]:
@@ -225,3 +226,19 @@ def test_stage1_engines_agree_with_ddp(engine, stage1_inputs):
     ddp, other = _stage1("ddp", stage1_inputs)[0], _stage1(engine, stage1_inputs)[0]
     assert _close(_stage1_final(ddp), _stage1_final(other)) <= ENGINE_ATOL["stage1"]
     assert _close(load_file(str(ddp / "davae.safetensors")), load_file(str(other / "davae.safetensors"))) <= ENGINE_ATOL["stage1"]
+
+
+def test_stage1_adaptive_alignment_weight_trains_alike_under_ddp_and_fsdp(stage1_inputs):
+    """loss.align_adaptive measures gradients at the detail down conv with autograd.grad back through the
+    decoder, whose blocks FSDP2 shards: both engines run it and end alike (DeepSpeed refuses it: test_loop_kit)."""
+    runs = {}
+    for engine in ("ddp", "fsdp"):
+        out = stage1_inputs[2] / f"stage1_{engine}_align_adaptive"
+        r = _launch(engine, "davae_training.train_tokenizer", CONFIGS / "tokenizer_tiny.yaml",
+                    [*_stage1_sets(stage1_inputs, out), "loss.align_adaptive=true"])
+        assert r.returncode == 0, r.stderr[-5000:]
+        _check_engine(_summary(out), engine)
+        runs[engine] = out
+    weights = [_summary(run)["last_logged"]["loss/align_weight"] for run in runs.values()]
+    assert weights[0] != 1.0 and abs(weights[0] - weights[1]) <= 1e-3 * weights[0], weights  # measured, not the constant
+    assert _close(_stage1_final(runs["ddp"]), _stage1_final(runs["fsdp"])) <= ENGINE_ATOL["stage1"]

@@ -231,16 +231,17 @@ def test_deepspeed_refuses_what_it_cannot_honour_instead_of_overriding_the_run_c
     assert ds["gradient_accumulation_steps"] == 1  # nothing written when refused
 
 
-def test_stage1_refuses_the_adaptive_gan_weight_under_deepspeed_only(fixtures_dir):
-    """Measured: under ZeRO-2 its autograd.grad breaks DeepSpeed's gradient buckets (IndexError mid-run);
-    FSDP and DDP train it alike."""
+@pytest.mark.parametrize("adaptive", ["loss.gan_adaptive_weight", "loss.align_adaptive"])
+def test_stage1_refuses_an_adaptive_weight_under_deepspeed_only(adaptive, fixtures_dir):
+    """Measured for both: under ZeRO-2 their autograd.grad breaks DeepSpeed's gradient buckets (IndexError
+    mid-run); FSDP and DDP train them alike (tests/test_engines.py for the alignment weight)."""
     from davae_training.config import load_config
     from davae_training.stage1.config import TokenizerTrainConfig
     from davae_training.stage1.step import TokenizerModel
     from davae_training.stage1.trainer import build_model
 
     cfg = load_config(TokenizerTrainConfig, REPO / "training" / "configs" / "tokenizer_tiny.yaml",
-                      [f"model.pretrained_vae={fixtures_dir / 'sd3_vae'}", "loss.gan_adaptive_weight=true"])
+                      [f"model.pretrained_vae={fixtures_dir / 'sd3_vae'}", f"{adaptive}=true"])
     model = TokenizerModel.build(cfg, *build_model(cfg))
-    assert any("loss.gan_adaptive_weight" in p for p in model.engine_problems("deepspeed"))
+    assert [p for p in model.engine_problems("deepspeed") if p.startswith(adaptive)]
     assert model.engine_problems("fsdp2") == model.engine_problems("ddp") == []

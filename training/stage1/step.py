@@ -57,12 +57,20 @@ class TokenizerModel(TrainedModel):
         return cls(davae, vae, TokenizerLoss(loss, perceptual), disc, loss.disc_learning_rate or config.train.learning_rate)
 
     def engine_problems(self, engine: str) -> list[str]:
-        if engine == "deepspeed" and self.discriminator is not None and self.loss.config.gan_adaptive_weight:
-            # its torch.autograd.grad through the decoder's last layer breaks ZeRO's gradient buckets (DDP and FSDP are fine)
-            return ["loss.gan_adaptive_weight=true: the adaptive GAN weight differentiates through the decoder's last layer "
-                    "outside backward, which DeepSpeed ZeRO's gradient hooks do not support; use DDP or FSDP, or "
-                    "loss.gan_adaptive_weight=false"]
-        return []
+        if engine != "deepspeed":
+            return []
+        # their torch.autograd.grad outside backward breaks ZeRO-2's gradient buckets (measured: IndexError in
+        # reduce_ipg_grads mid-run); DDP and FSDP train both alike
+        cfg, problems = self.loss.config, []
+        if self.discriminator is not None and cfg.gan_adaptive_weight:
+            problems.append("loss.gan_adaptive_weight=true: the adaptive GAN weight differentiates through the decoder's "
+                            "last layer outside backward, which DeepSpeed ZeRO's gradient hooks do not support; use DDP or "
+                            "FSDP, or loss.gan_adaptive_weight=false")
+        if cfg.align_adaptive and cfg.align_weight > 0:
+            problems.append("loss.align_adaptive=true: the adaptive alignment weight differentiates through the decoder "
+                            "to the detail down conv outside backward, which DeepSpeed ZeRO's gradient hooks do not support; "
+                            "use DDP or FSDP, or loss.align_adaptive=false")
+        return problems
 
     def to(self, device: torch.device) -> "TokenizerModel":
         """The frozen and auxiliary parts to ``device`` (the engine places the DA-VAE)."""
