@@ -363,6 +363,30 @@ def test_resume_refuses_clearly_when_no_checkpoint_is_usable(uninterrupted_run, 
         resolve_resume(str(out / "checkpoints" / "checkpoint-00000002"), out)
 
 
+def test_the_authors_schedule_and_decay_groups_resume_bit_identical(fixtures_dir, image_dir, tmp_path):
+    """The authors' stage-1 optimizer (tokenizer_sd3_authors.yaml: a cosine to lr_min after a warm-up, no
+    weight decay on biases and norm gains) through the loop kit's checkpoints: both parameter groups and
+    the schedule's position survive a kill, and the run ends where the uninterrupted one ends, at lr_min."""
+    recipe = {"train.lr_schedule": "cosine", "train.lr_warmup_steps": 1, "train.learning_rate": 1e-3, "train.lr_min": 1e-4,
+              "train.weight_decay_on_1d": "false", "train.adam_weight_decay": 1e-4, "train.adam_beta2": 0.99}
+    runs = {}
+    for name, fault in (("full", None), ("killed", "3")):
+        out = tmp_path / name
+        args = [sys.executable, "-m", "davae_training.train_tokenizer", *_cli(_overrides(fixtures_dir, image_dir, out, **recipe))]
+        if fault:
+            _run(args, _env(DAVAE_FAULT_AFTER_STEP=fault), expect_rc=17)
+            args.append("--resume")
+            args.append("latest")
+        _run(args, _env())
+        runs[name] = out
+    meta = json.loads((runs["killed"] / "checkpoints" / "checkpoint-00000002" / "optimizer.json").read_text())
+    assert [g["weight_decay"] for g in meta["param_groups"]] == [1e-4, 0.0]  # >= 2-d tensors, then biases and gains
+    a, b = (_weights(run / "checkpoints" / "checkpoint-00000004") for run in runs.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for run in runs.values():
+        assert json.loads((run / "final" / "summary.json").read_text())["last_logged"]["lr"] == pytest.approx(1e-4)
+
+
 def test_fallback_resume_ends_bit_identical(uninterrupted_run, fixtures_dir, image_dir, tmp_path):
     """The newest checkpoint's weights are damaged: resume falls back to step 2 and ends where the full run ended."""
     out = copy_run(uninterrupted_run, tmp_path / "run", drop=("final", "davae.safetensors"))
