@@ -34,6 +34,7 @@ from davae_core.davae_config import tiny_vavae_config
 from davae_core.ldm_vae_keys import diffusers_to_ldm
 
 from .lightningdit import LightningDiT, LightningDiTConfig
+from .lightningdit_checkpoint import checkpoint_state
 
 TINY_BASE_CHANNELS = 4
 TINY_DETAIL_CHANNELS = 12  # 3 per base channel as D = 96 for C = 32; 24 moments do not divide 4 x 32 features
@@ -96,10 +97,7 @@ def tiny_dit(in_channels: int = TINY_BASE_CHANNELS, seed: int = 0, **fields: Any
 
 def with_rope_tables(model: LightningDiT) -> dict[str, torch.Tensor]:
     """The model's state dict as LightningDiT saves it (its RoPE tables are persistent buffers there)."""
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    state["feat_rope.freqs_cos"] = model.rope.cos.clone()
-    state["feat_rope.freqs_sin"] = model.rope.sin.clone()
-    return state
+    return checkpoint_state(model.state_dict(), model)
 
 
 def lightningdit_checkpoint(model: LightningDiT, ema: LightningDiT) -> dict[str, Any]:

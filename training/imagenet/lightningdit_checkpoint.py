@@ -76,6 +76,16 @@ def infer_config(state: dict[str, torch.Tensor], source: Any = "state dict") -> 
         raise CheckpointError(f"{source}: its tensors imply no valid LightningDiT ({e})") from e
 
 
+def checkpoint_state(weights: dict[str, torch.Tensor], model: LightningDiT) -> dict[str, torch.Tensor]:
+    """``weights`` (LightningDiT's names) with the tables LightningDiT's train.py also saves: the frozen
+    sin-cos ``pos_embed`` and the RoPE tables (persistent buffers there, recomputed here)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    state["pos_embed"] = model.pos_embed.detach().cpu().clone()
+    state[ROPE_KEYS[0]] = model.rope.cos.detach().cpu().clone()
+    state[ROPE_KEYS[1]] = model.rope.sin.detach().cpu().clone()
+    return state
+
+
 def _check_tables(model: LightningDiT, state: dict[str, torch.Tensor], source: Any) -> None:
     tables = {"pos_embed": model.pos_embed, ROPE_KEYS[0]: model.rope.cos, ROPE_KEYS[1]: model.rope.sin}
     for key, ours in tables.items():

@@ -1,0 +1,134 @@
+"""ImageNet stage 2 on the tiny fixtures (CPU): LightningDiT in its public {model, ema} layout, a DA-VAE
+on the tiny VA-VAE, a class folder; finite losses, heads moved off zero, export read by generate, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "training" / "configs" / "imagenet" / "lightningdit_tiny.yaml"
+CLASSES = ("n01440764", "n01443537")  # two ImageNet wnids: labels 0 and 1 once sorted
+
+
+@pytest.fixture(scope="module")
+def inet(tmp_path_factory):
+    """The tiny public-layout files, our DA-VAE file on the tiny VA-VAE and a two-class image folder."""
+    from davae_core.checkpoint import save_davae
+    from davae_training.imagenet.fixtures import tiny_vavae_davae, write_fixtures
+
+    root = tmp_path_factory.mktemp("inet")
+    write_fixtures(root / "public")
+    save_davae(tiny_vavae_davae(0), root / "davae_vavae.safetensors")
+    rng = np.random.default_rng(0)
+    for c, wnid in enumerate(CLASSES):
+        (root / "train" / wnid).mkdir(parents=True)
+        for i in range(3):
+            size = (150 + 10 * i, 136 + c * 20)  # not square, not the resolution: the centre crop resizes
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "train" / wnid / f"{i}.png")
+    return root
+
+
+def _sets(inet, out, *extra):
+    return [f"train.output_dir={out}", f"model.checkpoint={inet / 'public' / 'lightningdit.pt'}",
+            f"tokenizer.path={inet / 'davae_vavae.safetensors'}", f"data.root={inet / 'train'}", *extra]
+
+
+def _config(inet, out, *extra):
+    from davae_training.config import load_config
+    from davae_training.imagenet.config import LightningDiTTrainConfig
+
+    return load_config(LightningDiTTrainConfig, TINY_CONFIG, _sets(inet, out, *extra))
+
+
+@pytest.fixture(scope="module")
+def full_run(inet, tmp_path_factory):
+    from davae_training.imagenet.train import train
+
+    out = tmp_path_factory.mktemp("full")
+    summary = train(_config(inet, out))
+    return out, summary
+
+
+def test_losses_are_finite_and_the_heads_left_zero(full_run):
+    out, summary = full_run
+    assert summary["step"] == 4 and summary["ranks_in_sync"]
+    logged = summary["last_logged"]
+    for key in ("loss", "loss/mse", "loss/cosine", "loss/base_mse", "loss/detail_mse"):
+        assert np.isfinite(logged[key]), key
+    from davae_core.loss_schedule import detail_weight
+
+    assert logged["loss/cosine"] > 0
+    assert logged["detail_weight"] == pytest.approx(detail_weight(3, 4))  # the last step (index 3) of the 4-step ramp
+    ema = load_file(str(out / "final" / "dit_ema.safetensors"))
+    raw = load_file(str(out / "final" / "dit.safetensors"))
+    for name in ("x_embedder.proj.detail.weight", "final_layer.linear.detail.weight"):
+        assert raw[name].abs().max() > 0, f"{name} is still zero after training"
+        assert ema[name].abs().max() > 0, f"the EMA of {name} is still zero"
+        assert not torch.equal(ema[name], raw[name])  # the EMA lags the raw weights
+    assert (out / "samples" / "step-00000004.png").is_file()
+
+
+def test_export_loads_into_generate_and_samples(full_run, inet):
+    from davae_training.imagenet.generate import generate_images, load_models
+
+    out, summary = full_run
+    paths = summary["export"]
+    davae, dit = load_models(str(inet / "davae_vavae.safetensors"), paths["dit"], paths["heads"])
+    ema = load_file(str(out / "final" / "dit_ema.safetensors"))
+    # the exported DiT + heads are the EMA weights, in LightningDiT's names
+    assert torch.equal(dit.final_layer.linear.detail.weight, ema["final_layer.linear.detail.weight"])
+    assert torch.equal(dit.x_embedder.proj.stock.weight, ema["x_embedder.proj.stock.weight"])
+    assert torch.equal(dit.blocks[1].mlp.w3.weight, ema["blocks.1.mlp.w3.weight"])
+    images = next(generate_images(davae, dit, 2, 2, torch.Generator().manual_seed(0), steps=3))
+    assert images.shape == (2, 3, 128, 128) and images.dtype == torch.uint8
+    raw = torch.load(paths["dit"], weights_only=True)
+    assert set(raw) == {"model", "ema"} and "feat_rope.freqs_cos" in raw["model"]
+
+
+def test_kill_and_resume_equals_the_uninterrupted_run(full_run, inet, tmp_path):
+    from davae_training.imagenet.train import train
+
+    full, _ = full_run
+    cut = tmp_path / "cut"
+    env = {**{k: v for k, v in os.environ.items() if k != "DAVAE_FAULT_AFTER_STEP"}, "OMP_NUM_THREADS": "1",
+           "DAVAE_FAULT_AFTER_STEP": "3"}
+    args = [a for s in _sets(inet, cut) for a in ("--set", s)]
+    r = subprocess.run([sys.executable, "-m", "davae_training.train_lightningdit", "--config", str(TINY_CONFIG), *args],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 17, r.stderr[-3000:]
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["checkpoint-00000002"]
+    summary = train(_config(inet, cut), resume="latest")
+    assert summary["step"] == 4
+    for name in ("dit.safetensors", "dit_ema.safetensors"):
+        a, b = load_file(str(full / "final" / name)), load_file(str(cut / "final" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
+
+
+def test_a_resolution_off_the_dit_grid_is_refused(inet, tmp_path):
+    from davae_training.imagenet.train import train
+
+    with pytest.raises(ValueError, match="data.resolution=128"):
+        train(_config(inet, tmp_path / "run", "data.resolution=96"))
+
+
+def test_labels_follow_the_sorted_class_folders(inet):
+    from davae_training.imagenet.config import ClassDataConfig
+    from davae_training.imagenet.data import make_class_loader
+
+    loader = make_class_loader(ClassDataConfig(root=str(inet / "train"), resolution=32, index_cache=None), 6, seed=0)
+    batch = next(iter(loader))
+    assert batch["pixels"].shape == (6, 3, 32, 32)
+    names = [loader.dataset.records[i].key.split("/")[0] for i in batch["index"].tolist()]
+    assert batch["label"].tolist() == [CLASSES.index(n) for n in names]
