@@ -132,3 +132,58 @@ def test_labels_follow_the_sorted_class_folders(inet):
     assert batch["pixels"].shape == (6, 3, 32, 32)
     names = [loader.dataset.records[i].key.split("/")[0] for i in batch["index"].tolist()]
     assert batch["label"].tolist() == [CLASSES.index(n) for n in names]
+
+
+@pytest.mark.parametrize("mode", ["zero", "random", "repeat_average"])
+def test_head_init_and_qk_norm_reach_the_model(inet, mode):
+    from davae_training.imagenet.config import DiTModelConfig
+    from davae_training.imagenet.step import DiTModel
+
+    cfg = DiTModelConfig(checkpoint=str(inet / "public" / "lightningdit.pt"), head_init=mode, enable_qknorm=True)
+    dit = DiTModel.build(cfg, detail_channels=12, ema_decay=0.999).module
+    assert dit.config.use_qknorm and dit.blocks[0].attn.q_norm.weight.requires_grad
+    embed = dit.x_embedder.proj
+    if mode == "zero":
+        assert embed.detail.weight.abs().max() == 0 and dit.final_layer.linear.detail.weight.abs().max() == 0
+    elif mode == "random":
+        assert embed.detail.weight.abs().max() > 0 and dit.final_layer.linear.detail.weight.abs().max() > 0
+    else:  # detail channel j reads base channel j mod 4, every column divided by ceil(16 / 4) = 4
+        assert torch.allclose(embed.detail.weight[:, 5], embed.stock.weight[:, 1])
+        assert torch.allclose(embed.stock.weight * 4, torch.load(inet / "public" / "lightningdit.pt",
+                                                                  weights_only=True)["ema"]["x_embedder.proj.weight"])
+
+
+def test_training_from_the_latent_cache_never_encodes(inet, tmp_path, monkeypatch):
+    from davae_training.imagenet.latent_cache import LatentCache, write_latent_cache
+    from davae_training.imagenet.latent_codec import LatentCodec
+    from davae_training.imagenet.train import train
+
+    cfg = _config(inet, tmp_path / "run")
+    manifest = write_latent_cache(cfg, tmp_path / "cache", flips=True, shard_size=4, dtype="float32", batch_size=3)
+    assert manifest["count"] == 12 and len(manifest["shards"]) == 3 and manifest["side"] == 4
+    cache = LatentCache(tmp_path / "cache")
+    # sample 0 as the trainer would encode it, and its mirror in the second half
+    from davae_training.imagenet.data import ClassImageFolder, class_names, index_class_folder
+
+    records, labels = index_class_folder(str(inet / "train"), class_names(inet / "train"), None)
+    pixels = ClassImageFolder(records, labels, 128, random_flip=False)[0]["pixels"][None]
+    codec = LatentCodec.from_config(cfg.tokenizer)
+    assert torch.allclose(cache[0]["latents"], codec.encode(pixels)[0], atol=1e-5)
+    assert torch.allclose(cache[6]["latents"], codec.encode(pixels.flip(-1))[0], atol=1e-5)
+    assert cache[0]["label"] == cache[6]["label"] == labels[0]
+
+    def forbidden(*a, **k):
+        raise AssertionError("the DA-VAE encoded images although a latent cache was given")
+
+    monkeypatch.setattr(LatentCodec, "encode", forbidden)
+    summary = train(_config(inet, tmp_path / "run", f"data.latent_cache={tmp_path / 'cache'}", "train.max_steps=2",
+                            "train.image_every=0", "export.enabled=false"))
+    assert summary["step"] == 2 and np.isfinite(summary["last_logged"]["loss"])
+
+
+def test_a_cache_made_at_another_resolution_is_refused(inet, tmp_path):
+    from davae_training.imagenet.latent_cache import make_latent_loader, write_latent_cache
+
+    write_latent_cache(_config(inet, tmp_path / "run"), tmp_path / "cache", flips=False)
+    with pytest.raises(ValueError, match="data.resolution=128"):
+        make_latent_loader(str(tmp_path / "cache"), 2, seed=0, expect_resolution=256)

@@ -14,6 +14,7 @@ made the cache, and a trainer refuses a cache made for another resolution or cla
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 from pathlib import Path
 from typing import Any
@@ -47,17 +48,22 @@ def write_latent_cache(cfg, out_dir: str | Path, flips: bool = True, shard_size:
     names = class_names(cfg.data.root, cfg.data.class_names_file)
     records, labels = index_class_folder(cfg.data.root, names, str(out / "data_index.json"), cfg.data.max_images)
     store = dtype_from_name(dtype, "--dtype")
-    shards, pending, count = [], {"latents": [], "labels": []}, 0
+    shards, count = [], 0
+    pending: dict[str, list[torch.Tensor]] = {"latents": [], "labels": []}
 
-    def flush() -> None:
+    def flush(final: bool = False) -> None:
+        """Write whole shards of ``shard_size`` samples (and the rest at the end)."""
         if not pending["labels"]:
             return
-        path = out / f"latents-{len(shards):05d}.safetensors"
-        tensors = {"latents": torch.cat(pending["latents"]).to(store).contiguous(), "labels": torch.cat(pending["labels"])}
-        with atomic_write(path) as tmp:
-            save_file(tensors, str(tmp))
-        shards.append({"file": path.name, "count": int(tensors["labels"].shape[0])})
-        pending["latents"], pending["labels"] = [], []
+        latents, labels_ = torch.cat(pending["latents"]), torch.cat(pending["labels"])
+        while len(labels_) >= shard_size or (final and len(labels_)):
+            path = out / f"latents-{len(shards):05d}.safetensors"
+            with atomic_write(path) as tmp:
+                save_file({"latents": latents[:shard_size].to(store).contiguous(), "labels": labels_[:shard_size].contiguous()},
+                          str(tmp))
+            shards.append({"file": path.name, "count": int(min(shard_size, len(labels_)))})
+            latents, labels_ = latents[shard_size:], labels_[shard_size:]
+        pending["latents"], pending["labels"] = [latents], [labels_]
 
     for flip in ([False, True] if flips else [False]):
         dataset = ClassImageFolder(records, labels, cfg.data.resolution, random_flip=False)
@@ -67,9 +73,8 @@ def write_latent_cache(cfg, out_dir: str | Path, flips: bool = True, shard_size:
             pending["latents"].append(codec.encode(pixels).cpu())
             pending["labels"].append(batch["label"])
             count += len(batch["label"])
-            if sum(len(x) for x in pending["labels"]) >= shard_size:
-                flush()
-    flush()
+            flush()
+    flush(final=True)
     side = codec.latent_side(cfg.data.resolution)
     manifest = {"version": VERSION, "count": count, "resolution": cfg.data.resolution, "flips": flips,
                 "channels": codec.layout.channels, "side": side, "num_classes": len(names), "dtype": dtype,
@@ -114,7 +119,7 @@ class LatentCache(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         index = int(k) % self.n
-        shard = max(i for i, s in enumerate(self.starts) if s <= index)
+        shard = bisect.bisect_right(self.starts, index) - 1
         row = index - self.starts[shard]
         f = self._shard(shard)
         return {"latents": f.get_slice("latents")[row:row + 1][0].float(), "label": int(f.get_slice("labels")[row:row + 1][0]),

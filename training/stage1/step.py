@@ -103,7 +103,9 @@ class TokenizerStep:
         pixels = batch["pixels"].to(generator.device, non_blocking=True)
         self.pixels = pixels
         target = make_target(self.config, model.vae, pixels)
-        outputs = model.network(pixels, sample_posterior=True, generator=generator)  # posterior noise drawn on the device
+        outputs = model.network(pixels, sample_posterior=True, generator=generator,  # posterior noise drawn on the device
+                                detail_dropout=self.config.model.detail_dropout,
+                                detail_dropout_rescale=self.config.model.detail_dropout_rescale)
         disc = model.discriminator
         if disc is not None:
             disc.requires_grad_(False)  # G's adversarial term: gradients reach the generator only

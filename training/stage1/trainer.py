@@ -31,7 +31,7 @@ from ..loop import TrainingLoop
 from ..run_safety import check_finite_tensors
 from ..runtime import logger, setup_plain_logging
 from ..sharding import gather_whole
-from .config import FIXTURE_VAE, TokenizerModelConfig, TokenizerTrainConfig
+from .config import FIXTURE_VAE, PICKLED_VAE_SUFFIXES, TokenizerModelConfig, TokenizerTrainConfig
 from .stats import apply_detail_statistics, measure_detail_statistics
 from .step import TokenizerModel, TokenizerStep
 
@@ -44,6 +44,13 @@ def load_pretrained_vae(cfg: TokenizerModelConfig):
         from davae_core.fixtures import tiny_vae
 
         vae = tiny_vae(0)
+    elif Path(cfg.pretrained_vae).suffix in PICKLED_VAE_SUFFIXES and Path(cfg.pretrained_vae).is_file():
+        import json
+
+        from davae_core.vavae_import import import_vavae
+
+        arch = json.loads(Path(cfg.vae_config).read_text()) if cfg.vae_config else None
+        vae = import_vavae(cfg.pretrained_vae, cfg.latent_stats, arch)
     else:
         if not cfg.pretrained_vae:
             raise ValueError(
@@ -63,7 +70,8 @@ def load_pretrained_vae(cfg: TokenizerModelConfig):
 def build_model(config: TokenizerTrainConfig, vae=None) -> tuple[DAVAE, nn.Module]:
     """(DA-VAE initialised from the stock VAE with only the configured parts trainable, stock VAE)."""
     vae = vae if vae is not None else load_pretrained_vae(config.model)
-    model = DAVAE.from_base_vae(vae, detail_channels=config.model.detail_channels).float()
+    model = DAVAE.from_base_vae(vae, detail_channels=config.model.detail_channels, base_name=config.model.base_vae,
+                                decoder_base_space=config.model.decoder_base_space).float()
     model.requires_grad_(False)
     for m in model.trainable_modules(config.model.train_detail_trunk, config.model.train_decoder_trunk):
         m.requires_grad_(True)
