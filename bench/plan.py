@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import common
 
 CONFIGS_DIR = common.REPO_DIR / "training" / "configs"
+IMAGENET_CONFIGS_DIR = CONFIGS_DIR / "imagenet"
 README = common.BENCH_DIR / "README.md"
 MARK_BEGIN, MARK_END = "<!-- PLAN:BEGIN -->", "<!-- PLAN:END -->"
 
@@ -61,6 +62,8 @@ SAMPLING = {
     "da_2048": (32, 128, True),
 }
 TEXT_TOKENS = 333  # 77 CLIP + 256 T5, diffusers' SD3 pipeline
+# The paper's ImageNet line (Sec. 4): VA-VAE f16d32 (C = 32) widened by D = 96 at twice the factor, LightningDiT-XL/1
+IMAGENET_DA = {"base_channels": 32, "detail_channels": 96, "factor": 32, "dit": "XL/1"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
 
@@ -246,7 +249,6 @@ def davae_encode_memory(cfg, act_dtype: torch.dtype) -> dict[str, int]:
 def stage1_plan(name: str, cfg) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
-    from davae_core import SD3_VAE_CONFIG
     from davae_training.optimizers import optimizer_state_bytes_per_value
     from davae_training.preflight import RandomVGG16Features
     from davae_training.stage1.losses import PatchDiscriminator
@@ -256,7 +258,7 @@ def stage1_plan(name: str, cfg) -> dict[str, Any]:
     act = torch.bfloat16 if loop.mixed_precision == "bf16" else torch.float32
     res = cfg.data.resolution
     with torch.device("meta"):
-        vae = AutoencoderKL(**SD3_VAE_CONFIG)
+        vae = AutoencoderKL(**base_vae_config(cfg.model.base_vae))
         model, _ = build_model(cfg, vae)
         model = model.to(act)
         vgg = RandomVGG16Features().to(act) if cfg.loss.lpips_weight > 0 else None
@@ -291,12 +293,105 @@ def stage1_plan(name: str, cfg) -> dict[str, Any]:
     memory["activations_micro_batch"] = saved * loop.batch_size
     memory["total_estimate"] = sum(v for k, v in memory.items() if k != "activations_per_sample")
     return {
-        "stage": "stage1", "resolution": res, "params_total": total, "params_trained": trained,
+        "stage": "stage1", "base_vae": cfg.model.base_vae, "resolution": res, "params_total": total, "params_trained": trained,
         "params_discriminator": disc_params, "train_flops_per_sample": flops, "micro_batch": loop.batch_size,
         "gradient_accumulation_steps": loop.gradient_accumulation_steps, "max_steps": loop.max_steps,
         "optimizer": loop.optimizer, "gradient_checkpointing": loop.gradient_checkpointing, "memory_bytes": memory,
         "note": "activations counted without gradient checkpointing (an upper bound when it is on)",
     }
+
+
+def base_vae_config(name: str) -> dict[str, Any]:
+    """The architecture of the pretrained VAE a stage-1 config builds on (``model.base_vae``)."""
+    from davae_core import SD3_VAE_CONFIG
+    from davae_core.davae_config import VAVAE_CONFIG
+
+    return dict(VAVAE_CONFIG if name == "vavae" else SD3_VAE_CONFIG)
+
+
+def imagenet_stage2_plan(name: str, cfg) -> dict[str, Any]:
+    """LightningDiT-XL/1 with DA heads on the paper's 128-channel latent, fully trained, with its EMA."""
+    from diffusers import AutoencoderKL
+
+    from davae_core import DAVAE
+    from davae_core.davae_config import VAVAE_CONFIG
+    from davae_core.heads import DAHeads
+    from davae_training.imagenet.da_heads import attach_da_heads, heads_config_for_lightningdit
+    from davae_training.imagenet.lightningdit import LightningDiT, lightningdit_config
+    from davae_training.optimizers import optimizer_state_bytes_per_value
+    from davae_training.preflight import encode_transient_bytes
+
+    loop = cfg.train
+    act = torch.bfloat16 if loop.mixed_precision == "bf16" else torch.float32
+    base, detail = IMAGENET_DA["base_channels"], IMAGENET_DA["detail_channels"]
+    side = cfg.data.resolution // IMAGENET_DA["factor"]
+    with torch.device("meta"):
+        dit = LightningDiT(lightningdit_config(IMAGENET_DA["dit"], input_size=side, in_channels=base,
+                                               use_qknorm=cfg.model.enable_qknorm))
+        dit = attach_da_heads(dit, DAHeads(heads_config_for_lightningdit(dit, detail))).to(act).train()
+        if loop.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+        x = torch.randn(1, base + detail, side, side, dtype=act)
+        t, y = torch.rand(1), torch.zeros(1, dtype=torch.long)
+
+    def train_sample():
+        dit(x, t, y).float().pow(2).mean().backward()
+
+    flops, saved = count(train_sample)
+    params = sum(p.numel() for p in dit.parameters())
+    memory = {
+        "trained_weights_fp32": params * 4, "gradients_fp32": params * 4,
+        "optimizer_state": params * optimizer_state_bytes_per_value(loop.optimizer),
+        "ema_fp32": params * 4 if cfg.ema_decay > 0 else 0, "activations_per_sample": saved,
+    }
+    encode_flops, micro = 0, loop.batch_size
+    if not cfg.data.latent_cache:  # the frozen DA-VAE encodes every image in the step
+        with torch.device("meta"):
+            davae = DAVAE.from_base_vae(AutoencoderKL(**VAVAE_CONFIG), detail, base_name="vavae", decoder_base_space="raw")
+            img = torch.rand(1, 3, cfg.data.resolution, cfg.data.resolution, dtype=act)
+        with torch.no_grad():
+            encode_flops, _ = count(lambda: davae.to(act).encode_raw(img))
+        memory["davae_weights"] = sum(p.numel() for p in davae.parameters()) * DTYPE_BYTES[cfg.tokenizer.dtype]
+        memory["encode_transient"] = encode_transient_bytes(davae.config, min(cfg.data.encode_batch_size, micro),
+                                                            cfg.data.resolution, act)
+    memory["activations_micro_batch"] = saved * micro
+    transient = max(memory["activations_micro_batch"], memory.get("encode_transient", 0))
+    memory["total_estimate"] = transient + sum(v for k, v in memory.items()
+                                               if k not in ("activations_per_sample", "activations_micro_batch", "encode_transient"))
+    return {
+        "stage": "imagenet_stage2", "architecture": f"LightningDiT-{IMAGENET_DA['dit']} + DA heads", "resolution": cfg.data.resolution,
+        "image_tokens": side * side, "params_total": params, "params_trained": params,
+        "train_flops_per_sample": flops + encode_flops, "transformer_flops_per_sample": flops, "encode_flops_per_sample": encode_flops,
+        "micro_batch": micro, "gradient_accumulation_steps": loop.gradient_accumulation_steps, "max_steps": loop.max_steps,
+        "optimizer": loop.optimizer, "head_init": cfg.model.head_init, "qk_norm": cfg.model.enable_qknorm,
+        "detail_warmup_steps": cfg.objective.detail_warmup_steps, "gradient_checkpointing": loop.gradient_checkpointing,
+        "memory_bytes": memory,
+    }
+
+
+def imagenet_stage(path: Path) -> str:
+    """``lightningdit`` (ImageNet stage 2: has ``ema_decay:``) or ``stage1`` (has ``loss:``)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if "ema_decay" in data:
+        return "lightningdit"
+    if "loss" in data:
+        return "stage1"
+    raise ValueError(f"{path}: neither an ImageNet stage-2 (has ema_decay:) nor a stage-1 (has loss:) config")
+
+
+def plan_imagenet_config(path: Path) -> dict[str, Any]:
+    """One config of ``training/configs/imagenet/`` parsed and planned (its global batch too)."""
+    from davae_training.config import load_config
+    from davae_training.imagenet.config import LightningDiTTrainConfig
+    from davae_training.stage1.config import TokenizerTrainConfig
+
+    dit = imagenet_stage(path) == "lightningdit"
+    cfg = load_config(LightningDiTTrainConfig if dit else TokenizerTrainConfig, path)
+    entry = imagenet_stage2_plan(path.stem, cfg) if dit else stage1_plan(path.stem, cfg)
+    entry["batch"] = batch_plan(cfg.train)
+    return entry
 
 
 def sampling_plan() -> dict[str, Any]:
@@ -363,6 +458,15 @@ def build_plan(mfu: float = DEFAULT_MFU) -> dict[str, Any]:
         cfg = load_config(AdapterTrainConfig if detect_stage(path) == "stage2" else TokenizerTrainConfig, path)
         entry = stage2_plan(name, cfg) if detect_stage(path) == "stage2" else stage1_plan(name, cfg)
         entry["batch"] = batch_plan(cfg.train)
+        project(entry, entry["batch"]["written_for_processes"], mfu)
+        configs[name] = entry
+    for path in sorted(IMAGENET_CONFIGS_DIR.glob("*.yaml")):  # the paper's ImageNet line (Tables 1, 4, 5)
+        name = f"imagenet/{path.stem}"
+        if "tiny" in path.stem:
+            skipped[name] = "toy-sized CPU config"
+            continue
+        print(f"plan: {name}", flush=True)
+        entry = plan_imagenet_config(path)
         project(entry, entry["batch"]["written_for_processes"], mfu)
         configs[name] = entry
     print("plan: sampling variants", flush=True)
