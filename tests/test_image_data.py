@@ -145,3 +145,19 @@ def test_bad_sources_raise_clear_errors(tmp_path):
 def test_expand_braces_keeps_padding():
     assert expand_braces("d/s-{008..011}.tar") == ["d/s-008.tar", "d/s-009.tar", "d/s-010.tar", "d/s-011.tar"]
     assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_upscale_small_admits_and_scales_up_images_below_the_resolution(tmp_path):
+    """ImageNet at 512: most images are smaller; with data.upscale_small they are scaled up, not skipped."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / "large.png")
+    plain = ImageDataConfig(sources=[str(tmp_path)], resolution=64, resize_short_side=True)
+    assert [r.key for r in build_index(plain)[0]] == ["large"]
+    up = ImageDataConfig(sources=[str(tmp_path)], resolution=64, resize_short_side=True, upscale_small=True)
+    records = build_index(up)[0]
+    assert sorted(r.key for r in records) == ["large", "small"]
+    small = ImageDataset(records, up)[[r.key for r in records].index("small")]
+    assert small["pixels"].shape == (3, 64, 64)
+    with pytest.raises(ValueError, match="resize_short_side"):
+        ImageDataConfig(sources=[str(tmp_path)], resolution=64, upscale_small=True)

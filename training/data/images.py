@@ -63,6 +63,9 @@ class ImageDataConfig:
     min_size: int | None = None
     crop: str = "random"  # "random" | "center"
     resize_short_side: bool = False  # first scale the image so its short side == resolution
+    # with resize_short_side: also scale smaller images UP to the resolution (ImageNet at 512, where most
+    # images are smaller); the scan then admits every image whose short side is >= min_size (default: all)
+    upscale_small: bool = False
     random_flip: bool = False
     max_images: int | None = None  # use the first N records (after sorting) only
     index_cache: str | None = None  # JSON index; trainers default it into their output_dir
@@ -86,10 +89,15 @@ class ImageDataConfig:
             raise ValueError(f"data.crop must be 'random' or 'center', got {self.crop!r}")
         if self.resolution <= 0:
             raise ValueError(f"data.resolution must be positive, got {self.resolution}")
+        if self.upscale_small and (not self.resize_short_side or self.buckets):
+            raise ValueError("data.upscale_small scales the short side up to data.resolution: it needs "
+                             "data.resize_short_side=true and square crops (data.buckets=false)")
 
     @property
     def effective_min_size(self) -> int:
-        return self.resolution if self.min_size is None else self.min_size
+        if self.min_size is not None:
+            return self.min_size
+        return 1 if self.upscale_small else self.resolution
 
 
 @dataclass
@@ -404,13 +412,14 @@ def load_rgb(record: ImageRecord):
 
 
 def crop_image(img, resolution: int, rng: np.random.Generator, crop: str = "random",
-               resize_short_side: bool = False, random_flip: bool = False) -> torch.Tensor:
+               resize_short_side: bool = False, random_flip: bool = False, upscale_small: bool = False) -> torch.Tensor:
     """PIL image -> (3, R, R) float tensor in [0, 1]; every random choice comes from ``rng``."""
     from PIL import Image
 
     if resize_short_side:
         scale = resolution / min(img.size)
-        if scale < 1.0:  # never upscale: that would invent detail the tokenizer must learn
+        # no upscaling unless asked: it invents detail the tokenizer must learn
+        if scale < 1.0 or (upscale_small and scale > 1.0):
             new = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
             img = img.resize(new, Image.Resampling.LANCZOS)
     w, h = img.size
@@ -465,7 +474,7 @@ class ImageDataset(Dataset):
                                             self.config.crop, self.config.random_flip)
                 else:
                     pixels = crop_image(img, self.config.resolution, self.item_rng(epoch, i), self.config.crop,
-                                        self.config.resize_short_side, self.config.random_flip)
+                                        self.config.resize_short_side, self.config.random_flip, self.config.upscale_small)
             except Exception as e:
                 self.read_failures += 1
                 logger.warning("skipping unreadable image %s (%s: %s); using the next one", rec.key, type(e).__name__, e)

@@ -253,9 +253,10 @@ def sample_pixels(img, config: ImageDataConfig, buckets: list[tuple[int, int]] |
     crop counts as bucket 0."""
     c = config
     if buckets is None:
-        if min(img.size) < c.effective_min_size or min(img.size) < c.resolution:
-            return None, f"{img.width}x{img.height} < {c.resolution}px", -1
-        return crop_image(img, c.resolution, rng, c.crop, c.resize_short_side, c.random_flip), "", 0
+        need = c.effective_min_size if c.upscale_small else max(c.effective_min_size, c.resolution)
+        if min(img.size) < need:
+            return None, f"{img.width}x{img.height} < {need}px", -1
+        return crop_image(img, c.resolution, rng, c.crop, c.resize_short_side, c.random_flip, c.upscale_small), "", 0
     b, why = admit(img.width, img.height, buckets, c.min_size)
     if b < 0:
         return None, why, -1

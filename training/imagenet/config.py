@@ -50,13 +50,10 @@ class DiTModelConfig:
 
 @dataclass
 class ImageNetTokenizerConfig:
-    """``tokenizer:``: the stage-1 DA-VAE on VA-VAE (our file format)."""
+    """``tokenizer:``: the stage-1 DA-VAE on VA-VAE (our file format; its normaliser is the latent space)."""
 
     path: str = ""
     dtype: str = "float32"
-    # optional per-channel {"mean", "std"} over all C+D channels (the DA authors' latents_stats.pt layout):
-    # replaces the DA-VAE file's own normalisation
-    latent_stats: str | None = None
 
 
 @dataclass

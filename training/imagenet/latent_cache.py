@@ -78,7 +78,7 @@ def write_latent_cache(cfg, out_dir: str | Path, flips: bool = True, shard_size:
     side = codec.latent_side(cfg.data.resolution)
     manifest = {"version": VERSION, "count": count, "resolution": cfg.data.resolution, "flips": flips,
                 "channels": codec.layout.channels, "side": side, "num_classes": len(names), "dtype": dtype,
-                "tokenizer": cfg.tokenizer.path, "latent_stats": cfg.tokenizer.latent_stats, "shards": shards}
+                "tokenizer": cfg.tokenizer.path, "shards": shards}
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 

@@ -1,10 +1,11 @@
 """Images <-> the normalised structured latent the DiT trains on, through a stage-1 DA-VAE on VA-VAE.
 
 The base channels are VA-VAE's posterior mean of the bicubic half image, the detail channels the
-DA-VAE's detail posterior mean; both normalised per channel.  By default with the DA-VAE file's
-own normaliser (the base with ``latents_stats.pt``, imported into its config; the detail with
-the statistics stage 1 measured); ``tokenizer.latent_stats`` names a ``{"mean", "std"}`` file
-over all C+D channels instead (the DA authors' layout).
+DA-VAE's detail posterior mean; both normalised per channel by the DA-VAE file's own normaliser:
+the base with ``latents_stats.pt`` (in its config since stage 1 or the importer), the detail with
+the statistics stage 1 measured (or, for the DA authors' tokenizer, the rest of their statistics
+file, which :mod:`davae_core.authors_imagenet_import` writes in).  ``generate`` decodes with the
+same file, so training and sampling agree on the latent space.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ from davae_core.dtypes import dtype_from_name
 class LatentCodec:
     """``encode(pixels [0, 1]) -> latents`` (frozen, no gradient), ``decode(latents) -> images [0, 1]``."""
 
-    def __init__(self, davae, stats: tuple[list[float], list[float]] | None = None, encode_batch_size: int = 16):
+    def __init__(self, davae, encode_batch_size: int = 16):
         self.davae = davae.requires_grad_(False).eval()
         self.layout = davae.layout
         self.encode_batch_size = max(1, int(encode_batch_size))
-        self.mean = self.std = None
-        if stats is not None:
-            self.mean = torch.tensor(stats[0]).view(1, -1, 1, 1)
-            self.std = torch.tensor(stats[1]).view(1, -1, 1, 1)
 
     @classmethod
     def from_config(cls, cfg, encode_batch_size: int = 16, device: torch.device | str = "cpu") -> "LatentCodec":
@@ -37,12 +34,7 @@ class LatentCodec:
         if davae.base_encoder is None:
             raise ValueError(f"{cfg.path}: this DA-VAE file has no base encoder, so it cannot encode images; "
                              "export it with export.include_base_encoder=true")
-        stats = None
-        if cfg.latent_stats:
-            from davae_core.vavae_import import read_latent_stats
-
-            stats = read_latent_stats(cfg.latent_stats, davae.layout.channels)
-        return cls(davae, stats, encode_batch_size)
+        return cls(davae, encode_batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -58,19 +50,10 @@ class LatentCodec:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [0, 1] -> (B, C+D, R/f, R/f) float32, in chunks of ``encode_batch_size``."""
-        out = []
-        for chunk in pixels.to(self.device, self.dtype).split(self.encode_batch_size):
-            if self.mean is None:
-                out.append(self.davae.encode(chunk).float())
-            else:
-                raw = self.davae.encode_raw(chunk).float()
-                out.append((raw - self.mean.to(raw.device)) / self.std.to(raw.device))
-        return torch.cat(out)
+        chunks = pixels.to(self.device, self.dtype).split(self.encode_batch_size)
+        return torch.cat([self.davae.encode(chunk).float() for chunk in chunks])
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in [0, 1] (float32)."""
-        latents = latents.to(self.device, torch.float32)
-        if self.mean is not None:  # back to raw, then into the file's own normalisation, which decode reads
-            latents = self.davae.normalizer.normalize(latents * self.std.to(latents.device) + self.mean.to(latents.device))
-        return self.davae.decode(latents.to(self.dtype)).float()
+        return self.davae.decode(latents.to(self.device, self.dtype)).float()

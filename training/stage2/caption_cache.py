@@ -86,6 +86,8 @@ def cache_settings(images: ImageDataConfig, bucket_grid: int | None) -> dict[str
         settings["bucket_grid"] = None if bucket_grid is None else int(bucket_grid)
     else:
         settings["resize_short_side"] = bool(images.resize_short_side)
+        if images.upscale_small:  # recorded only when on: caches made before the option stay valid
+            settings["upscale_small"] = True
     return settings
 
 
@@ -103,7 +105,7 @@ def expected_encoding(cfg) -> dict[str, Any]:
     return encoding
 
 
-_ORDER = ("resolution", "buckets", "bucket_max_aspect", "resize_short_side", "bucket_grid")
+_ORDER = ("resolution", "buckets", "bucket_max_aspect", "resize_short_side", "upscale_small", "bucket_grid")
 
 
 def _describe(settings: dict[str, Any]) -> str:
