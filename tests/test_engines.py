@@ -242,3 +242,43 @@ def test_stage1_adaptive_alignment_weight_trains_alike_under_ddp_and_fsdp(stage1
     weights = [_summary(run)["last_logged"]["loss/align_weight"] for run in runs.values()]
     assert weights[0] != 1.0 and abs(weights[0] - weights[1]) <= 1e-3 * weights[0], weights  # measured, not the constant
     assert _close(_stage1_final(runs["ddp"]), _stage1_final(runs["fsdp"])) <= ENGINE_ATOL["stage1"]
+
+
+@pytest.fixture(scope="module")
+def imagenet_inputs(tmp_path_factory):
+    """The tiny LightningDiT {model, ema} file, a DA-VAE on the tiny VA-VAE and a two-class folder."""
+    from davae_core.checkpoint import save_davae
+    from davae_training.imagenet.fixtures import tiny_vavae_davae, write_fixtures
+
+    root = tmp_path_factory.mktemp("imagenet_engines")
+    write_fixtures(root / "public")
+    save_davae(tiny_vavae_davae(0), root / "davae.safetensors")
+    rng = np.random.default_rng(2)
+    for wnid in ("n01440764", "n01443537"):
+        (root / "train" / wnid).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (140, 150, 3), dtype=np.uint8)).save(root / "train" / wnid / f"{i}.png")
+    return root
+
+
+def test_imagenet_stage2_runs_under_ddp_and_fsdp_alike(imagenet_inputs):
+    """LightningDiT's trainer on 2 processes: DDP replicates, FSDP2 shards each LightningDiTBlock; the sample grid
+    and the export gather on every rank; both end with the same weights and an export generate reads."""
+    from davae_training.imagenet.generate import load_models
+
+    root, runs = imagenet_inputs, {}
+    for engine in ("ddp", "fsdp"):
+        out = root / f"lightningdit_{engine}"
+        sets = [f"train.output_dir={out}", f"model.checkpoint={root / 'public' / 'lightningdit.pt'}",
+                f"tokenizer.path={root / 'davae.safetensors'}", f"data.root={root / 'train'}",
+                "train.gradient_accumulation_steps=2", "train.max_steps=3", "train.image_every=3", "train.checkpoint_every=0"]
+        r = _launch(engine, "davae_training.train_lightningdit", CONFIGS / "imagenet" / "lightningdit_tiny.yaml", sets)
+        assert r.returncode == 0, r.stderr[-5000:]
+        _check_engine(_summary(out), engine)
+        assert (out / "samples" / "step-00000003.png").is_file()
+        runs[engine] = out
+    finals = [load_file(str(run / "final" / "dit_ema.safetensors")) for run in runs.values()]
+    assert _close(*finals) <= ENGINE_ATOL["stage2"]
+    export = _summary(runs["fsdp"])["export"]
+    _, dit = load_models(str(root / "davae.safetensors"), export["dit"], export["heads"])
+    assert torch.equal(dit.final_layer.linear.detail.weight, finals[1]["final_layer.linear.detail.weight"])
