@@ -55,16 +55,19 @@ def unet_config(sizes: Sizes) -> dict[str, Any]:
     return dict(TOY_UNET if sizes.toy else SD35M_UNET)
 
 
-def random_state_dict(sizes: Sizes, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """MMDiT tensors under a file's keys: shapes from ComfyUI's MMDiT on the meta device (nothing
-    allocated), values N(0, 0.02) drawn on ``device`` (no uninitialised memory, no all-zero layer)."""
+def meta_state_dict(sizes: Sizes) -> dict[str, torch.Tensor]:
+    """The MMDiT's tensors under a file's keys, on the meta device (shapes only, nothing allocated)."""
     import comfy.supported_models
 
     with torch.device("meta"):
-        meta = comfy.supported_models.SD3(unet_config(sizes)).get_model({}).diffusion_model
+        return comfy.supported_models.SD3(unet_config(sizes)).get_model({}).diffusion_model.state_dict()
+
+
+def random_state_dict(sizes: Sizes, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """:func:`meta_state_dict` filled on ``device`` with N(0, 0.02) (no uninitialised memory, no all-zero layer)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     return {k: torch.empty(v.shape, device=device, dtype=dtype).normal_(0.0, WEIGHT_STD, generator=gen)
-            for k, v in meta.state_dict().items()}
+            for k, v in meta_state_dict(sizes).items()}
 
 
 def load_mmdit(sizes: Sizes, device: torch.device, weight_dtype: torch.dtype, seed: int = 0):

@@ -105,7 +105,8 @@ def _untiled(vae, z: torch.Tensor) -> torch.Tensor:
     import comfy.model_management as mm
 
     mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_decode(z.shape, vae.vae_dtype))
-    return vae.process_output(vae.first_stage_model.decode(z.to(vae.vae_dtype).to(vae.device)).float())
+    image = vae.process_output(vae.first_stage_model.decode(z.to(vae.vae_dtype).to(vae.device)).float())
+    return image.to(vae.output_device).movedim(1, -1)  # (B, H, W, C), as VAE.decode hands images on
 
 
 def capped(sizes: Sizes, device: torch.device, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
