@@ -112,3 +112,36 @@ def test_a_failing_leg_is_recorded_and_the_others_still_run(monkeypatch, tmp_pat
     result = cli.main(["--toy", "--legs", "training", "--out", str(tmp_path), "--no-readme"])
     assert result["legs"]["training"]["error"] == "RuntimeError: leg exploded"
     assert "**training**: failed: `RuntimeError: leg exploded`" in report.section(result)
+
+
+def test_toy_runs_stay_out_of_the_repositorys_results_unless_asked():
+    toy = cli.parse(["--toy"])
+    assert toy.out == cli.TOY_OUT and toy.no_readme is True
+    full = cli.parse([])
+    assert full.out == cli.common.RESULTS_DIR and full.readme == report.README and full.no_readme is False
+    asked = cli.parse(["--toy", "--readme", "R.md"])
+    assert asked.no_readme is False and str(asked.readme) == "R.md"
+
+
+def test_merge_keeps_the_legs_this_run_did_not_rerun(monkeypatch, tmp_path):
+    earlier = {"toy": True, "machine": {"date_utc": "2026-01-01 00:00 UTC"},
+               "legs": {"sampling": {"error": "RuntimeError: earlier", "leg_seconds": 1.0},
+                        "training": {"error": "RuntimeError: replaced", "leg_seconds": 1.0}}}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr("bench.gpu_check.leg_training.run", lambda sizes, device: {"error": "RuntimeError: this run"})
+    result = cli.main(["--toy", "--legs", "training", "--merge", "--out", str(tmp_path), "--no-readme"])
+    assert list(result["legs"]) == ["sampling", "training"]
+    assert result["legs"]["sampling"]["from_run"] == "2026-01-01 00:00 UTC"
+    assert result["legs"]["training"]["error"] == "RuntimeError: this run" and "from_run" not in result["legs"]["training"]
+    assert "(this leg from the run of 2026-01-01 00:00 UTC, kept by --merge)" in report.section(result)
+    # without --merge the file holds this run's legs only
+    result = cli.main(["--toy", "--legs", "training", "--out", str(tmp_path), "--no-readme"])
+    assert list(json.loads((tmp_path / "gpu_check.json").read_text())["legs"]) == ["training"]
+
+
+def test_the_section_is_rebuilt_from_a_json_file(toy_run, tmp_path):
+    result, folder, _ = toy_run
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n")
+    report.main([str(folder / "gpu_check.json"), "--readme", str(readme)])
+    assert readme.read_text() == f"# Benchmarks\n\n{report.HEADING}\n\n{report.MARK_BEGIN}\n{report.section(result)}\n{report.MARK_END}\n"

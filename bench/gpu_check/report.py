@@ -104,10 +104,10 @@ def section(result: dict[str, Any]) -> str:
         data = legs.get(leg)
         if data is None:
             continue
-        if "error" in data:
-            lines += [f"**{leg}**: failed: `{data['error']}`", ""]
-            continue
-        lines += render(data) + [""]
+        lines += [f"**{leg}**: failed: `{data['error']}`"] if "error" in data else render(data)
+        if data.get("from_run"):
+            lines.append(f"(this leg from the run of {data['from_run']}, kept by --merge)")
+        lines.append("")
     lines += ["| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
         met = {True: "met", False: "**not met**", None: f"not evaluated ({t.get('why', '')})"}[t["met"]]
@@ -119,7 +119,7 @@ def _sampling(d: dict[str, Any]) -> list[str]:
     s = d["setup"]
     lines = [f"**End to end in ComfyUI** ({s['model']}; {s['sampler']}, {s['steps']} steps, CFG {s['cfg']}; "
              f"median of {s['timed_rounds']} interleaved rounds after a warm-up)", "",
-             "| variant | latent | weights | median wall | peak memory |", "|---|---|---|---|---|"]
+             f"| variant | latent | weights | median {s['clock']} time | peak memory |", "|---|---|---|---|---|"]
     for name, v in d["variants"].items():
         lines.append(f"| {name} | {v['latent']} | {v['weight_dtype']} | {_s(v['median_s'])} | {_mem(v['peak_memory'])} |")
     r = d["ratios"]
@@ -164,3 +164,23 @@ def _training(d: dict[str, Any]) -> list[str]:
 def write_readme(text: str, path: Path = README) -> None:
     """Replace the text between the GPU-CHECK markers (or append the section with them)."""
     common.replace_marked(path, text, MARK_BEGIN, MARK_END, HEADING)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.gpu_check.report [JSON]``: rebuild the README section from a result file
+    (e.g. the one a GPU machine handed back, copied to bench/results/)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check.report", description=main.__doc__)
+    ap.add_argument("json", type=Path, nargs="?", default=common.RESULTS_DIR / "gpu_check.json")
+    ap.add_argument("--readme", type=Path, default=README)
+    args = ap.parse_args(argv)
+    result = json.loads(args.json.read_text())
+    result["targets"] = evaluate(result)
+    write_readme(section(result), args.readme)
+    print(f"rebuilt the GPU-CHECK section of {args.readme} from {args.json}")
+
+
+if __name__ == "__main__":
+    main()
