@@ -32,6 +32,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
     -d "$DEST/wheels" "${WHEELS[@]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 cp "$SHARED/comfyui/ComfyUI-0.8.0.tar.gz" "$DEST/"
+# the machine has no git: the check's JSON names the commit from here ("<hash> dirty" with uncommitted changes)
+echo "$(git rev-parse HEAD)$([ -z "$(git status --porcelain)" ] || echo ' dirty')" > "$DEST/prepared_at_commit"
 
 carry=$(du -sb "$DEST" | cut -f1)
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)

@@ -145,3 +145,14 @@ def test_the_section_is_rebuilt_from_a_json_file(toy_run, tmp_path):
     readme.write_text("# Benchmarks\n")
     report.main([str(folder / "gpu_check.json"), "--readme", str(readme)])
     assert readme.read_text() == f"# Benchmarks\n\n{report.HEADING}\n\n{report.MARK_BEGIN}\n{report.section(result)}\n{report.MARK_END}\n"
+
+
+def test_without_git_the_commit_comes_from_the_prepared_carry(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(cli.common, "_git", lambda *args: "unknown")
+    monkeypatch.setattr(cli, "PREPARED_AT", tmp_path / "prepared_at_commit")
+    assert cli.machine(torch.device("cpu"))["commit"] == "unknown"
+    (tmp_path / "prepared_at_commit").write_text("0123abcd dirty\n")
+    info = cli.machine(torch.device("cpu"))
+    assert info["commit"] == "0123abcd" and info["worktree_dirty"] is True and "gpu_check_prepare.sh" in info["commit_source"]

@@ -66,7 +66,8 @@ def test_toy_comfy_legs_run_and_write_their_figures(toy_run):
         # the DA-VAE decodes an f16 latent to the same image size as the stock f8 one
         assert decode["runs"][f"da_1024_{dtype}"]["image"] == decode["runs"][f"stock_1024_{dtype}"]["image"]
         assert decode["runs"][f"da_2048_tiled_{dtype}"]["image"] == decode["runs"][f"da_2048_untiled_{dtype}"]["image"]
-    assert decode["cap"]["applied"] is False and set(decode["capped"]) == {"stock_1024", "da_1024", "da_2048"}
+        assert decode["runs"][f"da_2048_tiled_{dtype}"]["tiles"] > 1  # the tiled decode does decode in tiles
+    assert decode["cap"]["applied"] is False and set(decode["capped"]) == {"stock_1024", "da_1024", "da_2048", "da_2048_tiled"}
     assert not any(c["out_of_memory"] for c in decode["capped"].values())
 
     lowvram = on_disk["legs"]["lowvram"]

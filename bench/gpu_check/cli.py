@@ -29,6 +29,7 @@ LEGS = {"sampling": "leg_sampling", "decode": "leg_decode", "lowvram": "leg_lowv
 COMFY_LEGS = ("sampling", "decode", "lowvram")
 NAME = "gpu_check"
 TOY_OUT = Path(tempfile.gettempdir()) / "gpu_check_toy"
+PREPARED_AT = common.REPO_DIR / ".gpu_check_carry" / "prepared_at_commit"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +59,16 @@ def pick_device(toy: bool) -> torch.device:
     if not torch.cuda.is_available():
         raise SystemExit(f"no CUDA device visible to torch {torch.__version__}: the full check needs a GPU (or --toy)")
     return torch.device("cuda")
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """bench.common's machine line; on a machine without git (the lent GPU machine) the commit the
+    carry was prepared at, which bench/gpu_check_prepare.sh writes."""
+    info = common.machine_info(device)
+    if info["commit"] == "unknown" and PREPARED_AT.is_file():
+        info["commit"], _, dirty = PREPARED_AT.read_text().strip().partition(" ")
+        info.update(worktree_dirty=dirty == "dirty", commit_source=f"{PREPARED_AT.name}, written by bench/gpu_check_prepare.sh")
+    return info
 
 
 def run_leg(name: str, run_sizes, device: torch.device) -> dict[str, Any]:
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": NAME,
         "command": "python -m bench.gpu_check " + shlex.join(sys.argv[1:] if argv is None else argv),
         "toy": args.toy,
-        "machine": common.machine_info(device),
+        "machine": machine(device),
         "sizes": asdict(run_sizes),
         "legs": {leg: data for leg, data in kept.items() if leg not in legs},
     }

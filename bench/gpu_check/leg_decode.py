@@ -62,6 +62,19 @@ def latent(vae, side: int, seed: int) -> torch.Tensor:
     return torch.randn(1, vae.latent_channels, cells, cells, generator=torch.Generator().manual_seed(seed))
 
 
+def tile_cells(sizes: Sizes) -> dict[str, int]:
+    """``decode_tiled``'s arguments, in latent cells as the VAE Decode (Tiled) node passes them (64 = 1024 px at f16)."""
+    return {"tile_x": sizes.decode_tile, "tile_y": sizes.decode_tile, "overlap": sizes.decode_overlap}
+
+
+def planned_tiles(vae, z: torch.Tensor, tile: dict[str, int]) -> dict[str, int]:
+    """The tiles the pack's tiled decode will use for ``z`` (it may shrink the asked tile to the free memory)."""
+    size, overlap = comfy_host.pack("nodes.vae_memory").decode_tiles(vae, z.shape, tile["tile_x"], tile["overlap"])
+    starts = comfy_host.pack("davae_core.tiling").tile_starts
+    return {"tile_cells": size, "overlap_cells": overlap,
+            "tiles": len(starts(z.shape[2], size, overlap)) * len(starts(z.shape[3], size, overlap))}
+
+
 def timed(fn, device: torch.device) -> dict[str, Any]:
     """One warm-up call, then one timed call with its peak memory (or its out-of-memory)."""
     _, warm = memory.run_guarded(fn, device)
@@ -81,7 +94,7 @@ def timed(fn, device: torch.device) -> dict[str, Any]:
 def run(sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
     comfy_host.unload_all(device)
     runs: dict[str, Any] = {}
-    tile = {"tile_x": sizes.decode_tile * 16, "tile_y": sizes.decode_tile * 16, "overlap": sizes.decode_overlap * 16}
+    tile = tile_cells(sizes)
     for dname, dtype in DTYPES.items():
         vaes = {"stock": stock_vae(sizes, device, dtype, seed), "da": da_vae(sizes, dtype, seed)}
         for kind, vae in vaes.items():
@@ -91,11 +104,12 @@ def run(sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
         da, z = vaes["da"], latent(vaes["da"], sizes.large_image, seed)
         with torch.inference_mode():
             runs[f"da_2048_untiled_{dname}"] = {"latent": list(z.shape), **timed(lambda: _untiled(da, z), device)}
-            runs[f"da_2048_tiled_{dname}"] = {"latent": list(z.shape), "tile": tile, **timed(lambda: da.decode_tiled(z, **tile), device)}
+            runs[f"da_2048_tiled_{dname}"] = {"latent": list(z.shape), **planned_tiles(da, z, tile),
+                                             **timed(lambda: da.decode_tiled(z, **tile), device)}
         del vaes, da
         comfy_host.unload_all(device)
     out = {"setup": {"stock": "ComfyUI's comfy.sd.VAE (SD3 VAE architecture)", "da": "nodes.vae_adapter.DAComfyVAE",
-                     "tile_pixels": tile, "weights": "random"}, "runs": runs}
+                     "tile_cells": tile, "weights": "random"}, "runs": runs}
     out["capped"], out["cap"] = capped(sizes, device, seed)
     return out
 
@@ -114,12 +128,15 @@ def capped(sizes: Sizes, device: torch.device, seed: int) -> tuple[dict[str, Any
     out: dict[str, Any] = {}
     with memory.small_card(device, sizes.cap_bytes) as cap:
         stock, da = stock_vae(sizes, device, torch.bfloat16, seed), da_vae(sizes, torch.bfloat16, seed)
-        cases = {"stock_1024": (stock, sizes.image), "da_1024": (da, sizes.image), "da_2048": (da, sizes.large_image)}
-        for name, (vae, side) in cases.items():
+        tile = tile_cells(sizes)
+        cases = {"stock_1024": (stock, sizes.image, {}), "da_1024": (da, sizes.image, {}), "da_2048": (da, sizes.large_image, {}),
+                 "da_2048_tiled": (da, sizes.large_image, tile)}
+        for name, (vae, side, tiles) in cases.items():
             z = latent(vae, side, seed)
+            decode = (lambda: vae.decode_tiled(z, **tiles)) if tiles else (lambda: vae.decode(z))
             with torch.inference_mode():
-                image, mem = memory.run_guarded(lambda: vae.decode(z), device)
-            out[name] = {**mem, "latent": list(z.shape)}
+                image, mem = memory.run_guarded(decode, device)
+            out[name] = {**mem, "latent": list(z.shape), **(planned_tiles(vae, z, tiles) if tiles else {})}
             if image is not None:
                 out[name]["image"] = list(image.shape)
         del stock, da

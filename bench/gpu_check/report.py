@@ -115,6 +115,10 @@ def section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tiles(v: dict[str, Any]) -> str:
+    return f"{v['tiles']} of {v['tile_cells']} cells (overlap {v['overlap_cells']})" if "tiles" in v else "-"
+
+
 def _sampling(d: dict[str, Any]) -> list[str]:
     s = d["setup"]
     lines = [f"**End to end in ComfyUI** ({s['model']}; {s['sampler']}, {s['steps']} steps, CFG {s['cfg']}; "
@@ -130,13 +134,13 @@ def _sampling(d: dict[str, Any]) -> list[str]:
 
 def _decode(d: dict[str, Any]) -> list[str]:
     lines = ["**Decode** (stock SD3 VAE: ComfyUI's own; DA-VAE: the pack's VAE path)", "",
-             "| decode | latent | time | peak memory |", "|---|---|---|---|"]
+             "| decode | latent | tiles | time | peak memory |", "|---|---|---|---|---|"]
     for name, v in d["runs"].items():
-        lines.append(f"| {name} | {v['latent']} | {_s(v.get('seconds'))} | {_mem(v['peak_memory'])} |")
+        lines.append(f"| {name} | {v['latent']} | {_tiles(v)} | {_s(v.get('seconds'))} | {_mem(v['peak_memory'])} |")
     cap = d["cap"]
     lines += ["", f"Under the {cap['cap_gib']} GiB cap ({'applied' if cap['applied'] else cap['why']}):", "",
-              "| decode | peak memory |", "|---|---|"]
-    lines += [f"| {name} | {_mem(v)} |" for name, v in d["capped"].items()]
+              "| decode | tiles | peak memory |", "|---|---|---|"]
+    lines += [f"| {name} | {_tiles(v)} | {_mem(v)} |" for name, v in d["capped"].items()]
     return lines
 
 
