@@ -272,6 +272,19 @@ def bar_plot(ax: Any, labels: list[str], values: list[float], ylabel: str, title
         ax.text(0.01, 0.98, note, transform=ax.transAxes, va="top", fontsize=7, bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
 
 
+def replace_marked(path: Path, text: str, begin: str, end: str, heading: str) -> None:
+    """Put ``text`` between the ``begin`` and ``end`` marker lines of ``path``; a file without them
+    gets ``heading`` and the marked block appended."""
+    readme = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in readme and end in readme:
+        head, rest = readme.split(begin, 1)
+        readme = head + block + rest.split(end, 1)[1]
+    else:
+        readme = readme.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
+    write_text_atomic(path, readme)
+
+
 def clock_median(summary: dict[str, Any], clock: str) -> float:
     """Median seconds of a :func:`summarize_clocks` entry on the given clock."""
     return summary["cpu"]["median_s"] if clock == "cpu" and "cpu" in summary else summary["median_s"]

@@ -143,17 +143,19 @@ def count(fn) -> tuple[int, int]:
     return int(flops.get_total_flops()), meter.bytes
 
 
-def _adapter_model(cfg, dtype: torch.dtype, gradient_checkpointing: bool):
+def _adapter_model(cfg, dtype: torch.dtype, gradient_checkpointing: bool, toy: bool = False):
     from davae_training.stage2.model import prepare_adapter_model
-    from davae_training.stage2.architectures import transformer_config
+    from davae_training.stage2.architectures import toy_width, transformer_config
     from davae_training.preflight import random_sd3_transformer
 
-    transformer = random_sd3_transformer(transformer_config(cfg.model.architecture), dtype, torch.device("meta"))
+    arch = transformer_config(cfg.model.architecture)
+    transformer = random_sd3_transformer(toy_width(arch) if toy else arch, dtype, torch.device("meta"))
     model = prepare_adapter_model(transformer, cfg.model, gradient_checkpointing)
     return model.to(dtype)  # meta: activations in the autocast dtype
 
 
-def stage2_plan(name: str, cfg) -> dict[str, Any]:
+def stage2_plan(name: str, cfg, toy: bool = False) -> dict[str, Any]:
+    """``toy``: at the preflight's toy width (what ``--toy`` runs check against)."""
     from davae_training.stage2.model import trained_parameters
     from davae_training.stage2.architectures import CLIP_TOKENS
     from davae_training.optimizers import optimizer_state_bytes_per_value
@@ -162,7 +164,7 @@ def stage2_plan(name: str, cfg) -> dict[str, Any]:
     act_dtype = torch.bfloat16 if loop.mixed_precision == "bf16" else torch.float32
     side = cfg.data.images.resolution // 16
     tokens = CLIP_TOKENS + cfg.text.max_sequence_length if cfg.text.kind == "sd3" else cfg.text.standin_tokens
-    model = _adapter_model(cfg, act_dtype, loop.gradient_checkpointing).train()
+    model = _adapter_model(cfg, act_dtype, loop.gradient_checkpointing, toy).train()
     c = model.config
     with torch.device("meta"):
         x = torch.randn(1, c.in_channels, side, side, dtype=act_dtype)
@@ -246,9 +248,11 @@ def davae_encode_memory(cfg, act_dtype: torch.dtype) -> dict[str, int]:
             "encode_transient": encode_transient_bytes(davae.config, images, cfg.data.images.resolution, act_dtype)}
 
 
-def stage1_plan(name: str, cfg) -> dict[str, Any]:
+def stage1_plan(name: str, cfg, toy: bool = False) -> dict[str, Any]:
+    """``toy``: on the preflight's toy VAE (what ``--toy`` runs check against)."""
     from diffusers import AutoencoderKL
 
+    from davae_core import tiny_vae_config
     from davae_training.optimizers import optimizer_state_bytes_per_value
     from davae_training.preflight import RandomVGG16Features
     from davae_training.stage1.losses import PatchDiscriminator
@@ -258,7 +262,7 @@ def stage1_plan(name: str, cfg) -> dict[str, Any]:
     act = torch.bfloat16 if loop.mixed_precision == "bf16" else torch.float32
     res = cfg.data.resolution
     with torch.device("meta"):
-        vae = AutoencoderKL(**base_vae_config(cfg.model.base_vae))
+        vae = AutoencoderKL(**(tiny_vae_config(attention=True) if toy else base_vae_config(cfg.model.base_vae)))
         model, _ = build_model(cfg, vae)
         model = model.to(act)
         vgg = RandomVGG16Features().to(act) if cfg.loss.lpips_weight > 0 else None
@@ -542,14 +546,7 @@ def table(plan: dict[str, Any]) -> str:
 
 
 def write_readme(text: str, path: Path = README) -> None:
-    readme = path.read_text()
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in readme and MARK_END in readme:
-        head, rest = readme.split(MARK_BEGIN, 1)
-        readme = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        readme = readme.rstrip() + "\n\n## Cost plan (python -m bench.plan)\n\n" + block + "\n"
-    path.write_text(readme)
+    common.replace_marked(path, text, MARK_BEGIN, MARK_END, "## Cost plan (python -m bench.plan)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ the demo's ComfyUI step runs :mod:`.comfyui_runner` as a file from the checkout.
 
 * :mod:`.comfyui_runner`: boots a real ComfyUI on CPU with the pack as a custom node and runs
   prompts through ComfyUI's own executor (ComfyUI's environment only: no diffusers);
+* :mod:`.checkout`: ``davae_training`` importable from a checkout pip did not install;
 * :mod:`.tiny_sd3_pipeline`: a whole diffusers SD3 folder around a tiny transformer and VAE,
   with random-weight CLIP-L / CLIP-G / T5 and offline tokenizers (training's environment).
 """

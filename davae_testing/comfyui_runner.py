@@ -65,8 +65,10 @@ def comfyui_path() -> Path:
     return Path(path)
 
 
-def boot(fixtures_dir: Path) -> dict:
-    """Import ComfyUI on CPU, load the pack as a custom node, point model folders at the fixtures. Once per process."""
+def start_comfyui(cpu: bool = True, before_nodes=None) -> dict:
+    """Import ComfyUI (``--cpu`` mode unless ``cpu`` is False: a GPU host) and load the pack as a
+    custom node from a fresh ``custom_nodes`` folder; ComfyUI's own nodes are loaded too. Once per process.
+    ``before_nodes(folder_paths, work_dir)`` runs before the nodes load (model folders, as a yaml would)."""
     if _state:
         return _state
     root = comfyui_path()
@@ -76,7 +78,7 @@ def boot(fixtures_dir: Path) -> dict:
     import utils.extra_config  # noqa: F401  (caches ComfyUI's top-level 'utils' before nodes.py shadows it)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     import comfy.model_management  # noqa: F401
     import execution
     import folder_paths
@@ -87,21 +89,34 @@ def boot(fixtures_dir: Path) -> dict:
     custom.mkdir()
     (custom / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
-    for folder, sub in (("checkpoints", "checkpoints"), ("diffusion_models", "checkpoints"), ("loras", "loras"), ("davae", "davae")):
-        if folder in folder_paths.folder_names_and_paths:
-            folder_paths.add_model_folder_path(folder, str(fixtures_dir / sub))
-        else:  # 'davae' before the pack registers it: what an extra_model_paths.yaml entry does
-            folder_paths.folder_names_and_paths[folder] = ([str(fixtures_dir / sub)], {".safetensors"})
-    for kind in ("output", "input", "temp"):
-        (work / kind).mkdir()
-    folder_paths.set_output_directory(str(work / "output"))
-    folder_paths.set_input_directory(str(work / "input"))
-    folder_paths.set_temp_directory(str(work / "temp"))
-    _write_input_image(work / "input" / INPUT_IMAGE)
-
+    if before_nodes is not None:
+        before_nodes(folder_paths, work)
     failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    nodes.NODE_CLASS_MAPPINGS.update({"DATestConditioning": DATestConditioning, "DATestSD3VAELoader": _vae_loader_class(fixtures_dir)})
     _state.update(root=root, work=work, nodes=nodes, execution=execution, folder_paths=folder_paths, failed=failed)
+    return _state
+
+
+def boot(fixtures_dir: Path) -> dict:
+    """Import ComfyUI on CPU, load the pack as a custom node, point model folders at the fixtures. Once per process."""
+    if _state:
+        return _state
+
+    def fixture_folders(folder_paths, work: Path) -> None:
+        for folder, sub in (("checkpoints", "checkpoints"), ("diffusion_models", "checkpoints"), ("loras", "loras"), ("davae", "davae")):
+            if folder in folder_paths.folder_names_and_paths:
+                folder_paths.add_model_folder_path(folder, str(fixtures_dir / sub))
+            else:  # 'davae' before the pack registers it: what an extra_model_paths.yaml entry does
+                folder_paths.folder_names_and_paths[folder] = ([str(fixtures_dir / sub)], {".safetensors"})
+        for kind in ("output", "input", "temp"):
+            (work / kind).mkdir()
+        folder_paths.set_output_directory(str(work / "output"))
+        folder_paths.set_input_directory(str(work / "input"))
+        folder_paths.set_temp_directory(str(work / "temp"))
+        _write_input_image(work / "input" / INPUT_IMAGE)
+
+    start_comfyui(cpu=True, before_nodes=fixture_folders)
+    _state["nodes"].NODE_CLASS_MAPPINGS.update(
+        {"DATestConditioning": DATestConditioning, "DATestSD3VAELoader": _vae_loader_class(fixtures_dir)})
     return _state
 
 
@@ -173,23 +188,30 @@ def tiny_stock_vae(fixtures_dir: Path):
     identities and are then dropped, so the module tree and its keys are the SD3 VAE's
     (``encoder.*``, ``decoder.*``).  No diffusers is needed here.
     """
-    import comfy.sd
-    import torch
     from safetensors.torch import load_file
 
     folder = fixtures_dir / "sd3_vae"
     config = json.loads((folder / "config.json").read_text())
+    return comfy_vae_from_config(config, load_file(str(folder / "diffusion_pytorch_model.safetensors")), str(folder))
+
+
+def comfy_vae_from_config(config: dict, state: dict, source: str = "VAE", dtype=None):
+    """An SD3-layout VAE of any width (diffusers ``config``; ``state`` in diffusers or ComfyUI keys) as
+    ComfyUI's own ``comfy.sd.VAE``, built through ``VAE``'s ``config`` argument (see :func:`tiny_stock_vae`)."""
+    import comfy.sd
+    import torch
+
     if config.get("use_quant_conv") or config.get("use_post_quant_conv") or not config.get("mid_block_add_attention", True):
-        raise ValueError(f"{folder}: not an SD3-layout VAE (no quant convs, mid-block attention)")
-    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))  # diffusers keys: VAE converts them
+        raise ValueError(f"{source}: not an SD3-layout VAE (no quant convs, mid-block attention)")
+    state = dict(state)
     channels = config["latent_channels"]
     identity = {"quant_conv": 2 * channels, "post_quant_conv": channels}
     for name, n in identity.items():
         state[f"{name}.weight"], state[f"{name}.bias"] = torch.eye(n)[:, :, None, None], torch.zeros(n)
     trunks = pack_module("nodes.comfy_davae")
-    params = {"ddconfig": trunks.trunk_kwargs(config, str(folder)), "embed_dim": channels}
+    params = {"ddconfig": trunks.trunk_kwargs(config, source), "embed_dim": channels}
     with trunks.norm_groups(config["norm_num_groups"]):
-        vae = comfy.sd.VAE(sd=state, config={"params": params}, dtype=torch.float32)
+        vae = comfy.sd.VAE(sd=state, config={"params": params}, dtype=dtype or torch.float32)
     vae.first_stage_model.quant_conv = vae.first_stage_model.post_quant_conv = torch.nn.Identity()
     vae.latent_channels = channels  # VAE keeps its SD1 default (4) when given a config
     return vae

@@ -9,29 +9,16 @@ parity test imports) is registered from ``training/`` when it cannot be imported
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from davae_testing import comfyui_runner as runner
+from davae_testing.checkout import register_davae_training
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _register_davae_training() -> None:
-    if importlib.util.find_spec("davae_training") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "davae_training", REPO / "training" / "__init__.py", submodule_search_locations=[str(REPO / "training")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["davae_training"] = module
-    spec.loader.exec_module(module)
-
-
-_register_davae_training()
+register_davae_training()
 REQUIRED = os.environ.get("DAVAE_REQUIRE_COMFYUI") == "1"
 
 

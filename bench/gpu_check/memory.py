@@ -1,0 +1,100 @@
+"""Peak device memory of a block, the 8 GB cap, and out-of-memory as a result rather than a crash.
+
+On a CPU nothing here is measured: the figures say so (``measured: false``) instead of
+standing in an estimate or process RSS for GPU memory.
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from .. import common
+from .settings import GIB
+
+NOT_MEASURED = {"measured": False, "why": "CPU run: GPU memory is not measured here"}
+
+
+def _gib(n: int) -> float:
+    return round(n / GIB, 3)
+
+
+@contextmanager
+def peak(device: torch.device) -> Iterator[dict[str, Any]]:
+    """The dict yielded holds, after the block, the peak allocated bytes (weights included) and
+    the rise above what was allocated when the block began; on a CPU, ``NOT_MEASURED``."""
+    out: dict[str, Any] = {}
+    if device.type != "cuda":
+        yield out
+        out.update(NOT_MEASURED)
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    yield out
+    torch.cuda.synchronize(device)
+    top = torch.cuda.max_memory_allocated(device)
+    out.update(measured=True, method="torch.cuda.max_memory_allocated", peak_gib=_gib(top), rise_gib=_gib(top - before),
+               baseline_gib=_gib(before))
+
+
+def merge_peaks(peaks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The largest of several :func:`peak` results (one variant's repeated runs)."""
+    measured = [p for p in peaks if p.get("measured")]
+    if not measured:
+        return dict(NOT_MEASURED)
+    return max(measured, key=lambda p: p["peak_gib"])
+
+
+def run_guarded(fn, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """``(fn(), {"out_of_memory": False, **peak})``, or ``(None, {"out_of_memory": True, "error": ...})``."""
+    try:
+        with peak(device) as mem:
+            value = fn()
+        return value, {"out_of_memory": False, **mem}
+    except (RuntimeError, MemoryError) as error:
+        if not common.is_out_of_memory(error):
+            raise
+        message = str(error).splitlines()[0][:200]
+    release(device)  # outside the except block: the failed call's tensors can go
+    return None, {"out_of_memory": True, "error": message}
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def small_card(device: torch.device, cap_bytes: int) -> Iterator[dict[str, Any]]:
+    """Make this process a ``cap_bytes`` card: torch refuses allocations above it
+    (``set_per_process_memory_fraction``) and ComfyUI, which reads the free memory of the whole
+    GPU, keeps the rest reserved (``EXTRA_RESERVED_VRAM``), so it plans offloading and tiling for
+    the small card.  Both are restored afterwards.  On a CPU there is no card to shrink."""
+    import comfy.model_management as mm
+
+    info: dict[str, Any] = {"cap_gib": _gib(cap_bytes)}
+    if device.type != "cuda":
+        info["applied"] = False
+        info["why"] = "CPU run: no GPU memory to cap"
+        yield info
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    previous_reserve = mm.EXTRA_RESERVED_VRAM
+    mm.unload_all_models()
+    release(device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+    mm.EXTRA_RESERVED_VRAM = previous_reserve + max(0, total - cap_bytes)
+    info.update(applied=True, total_gib=_gib(total), comfy_reserved_gib=_gib(mm.EXTRA_RESERVED_VRAM),
+                comfy_free_gib_seen=_gib(mm.get_free_memory(device)))
+    try:
+        yield info
+    finally:
+        mm.unload_all_models()
+        release(device)
+        mm.EXTRA_RESERVED_VRAM = previous_reserve
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
