@@ -3,7 +3,6 @@ on the tiny VA-VAE, a class folder; finite losses, heads moved off zero, export 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,34 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+
+from davae_training.imagenet.fixtures import TINY_CLASSES as CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "imagenet" / "lightningdit_tiny.yaml"
-CLASSES = ("n01440764", "n01443537")  # two ImageNet wnids: labels 0 and 1 once sorted
 
 
 @pytest.fixture(scope="module")
 def inet(tmp_path_factory):
     """The tiny public-layout files, our DA-VAE file on the tiny VA-VAE and a two-class image folder."""
-    from davae_core.checkpoint import save_davae
-    from davae_training.imagenet.fixtures import tiny_vavae_davae, write_fixtures
+    from davae_training.imagenet.fixtures import write_fixtures
 
     root = tmp_path_factory.mktemp("inet")
-    write_fixtures(root / "public")
-    save_davae(tiny_vavae_davae(0), root / "davae_vavae.safetensors")
-    rng = np.random.default_rng(0)
-    for c, wnid in enumerate(CLASSES):
-        (root / "train" / wnid).mkdir(parents=True)
-        for i in range(3):
-            size = (150 + 10 * i, 136 + c * 20)  # not square, not the resolution: the centre crop resizes
-            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "train" / wnid / f"{i}.png")
+    write_fixtures(root)
     return root
 
 
 def _sets(inet, out, *extra):
-    return [f"train.output_dir={out}", f"model.checkpoint={inet / 'public' / 'lightningdit.pt'}",
+    return [f"train.output_dir={out}", f"model.checkpoint={inet / 'lightningdit.pt'}",
             f"tokenizer.path={inet / 'davae_vavae.safetensors'}", f"data.root={inet / 'train'}", *extra]
 
 
@@ -127,9 +118,9 @@ def test_labels_follow_the_sorted_class_folders(inet):
     from davae_training.imagenet.config import ClassDataConfig
     from davae_training.imagenet.data import make_class_loader
 
-    loader = make_class_loader(ClassDataConfig(root=str(inet / "train"), resolution=32, index_cache=None), 6, seed=0)
+    loader = make_class_loader(ClassDataConfig(root=str(inet / "train"), resolution=32, index_cache=None), 8, seed=0)
     batch = next(iter(loader))
-    assert batch["pixels"].shape == (6, 3, 32, 32)
+    assert batch["pixels"].shape == (8, 3, 32, 32)
     names = [loader.dataset.records[i].key.split("/")[0] for i in batch["index"].tolist()]
     assert batch["label"].tolist() == [CLASSES.index(n) for n in names]
 
@@ -139,7 +130,7 @@ def test_head_init_and_qk_norm_reach_the_model(inet, mode):
     from davae_training.imagenet.config import DiTModelConfig
     from davae_training.imagenet.step import DiTModel
 
-    cfg = DiTModelConfig(checkpoint=str(inet / "public" / "lightningdit.pt"), head_init=mode, enable_qknorm=True)
+    cfg = DiTModelConfig(checkpoint=str(inet / "lightningdit.pt"), head_init=mode, enable_qknorm=True)
     dit = DiTModel.build(cfg, detail_channels=12, ema_decay=0.999).module
     assert dit.config.use_qknorm and dit.blocks[0].attn.q_norm.weight.requires_grad
     embed = dit.x_embedder.proj
@@ -149,7 +140,7 @@ def test_head_init_and_qk_norm_reach_the_model(inet, mode):
         assert embed.detail.weight.abs().max() > 0 and dit.final_layer.linear.detail.weight.abs().max() > 0
     else:  # detail channel j reads base channel j mod 4, every column divided by ceil(16 / 4) = 4
         assert torch.allclose(embed.detail.weight[:, 5], embed.stock.weight[:, 1])
-        assert torch.allclose(embed.stock.weight * 4, torch.load(inet / "public" / "lightningdit.pt",
+        assert torch.allclose(embed.stock.weight * 4, torch.load(inet / "lightningdit.pt",
                                                                   weights_only=True)["ema"]["x_embedder.proj.weight"])
 
 
@@ -160,7 +151,8 @@ def test_training_from_the_latent_cache_never_encodes(inet, tmp_path, monkeypatc
 
     cfg = _config(inet, tmp_path / "run")
     manifest = write_latent_cache(cfg, tmp_path / "cache", flips=True, shard_size=4, dtype="float32", batch_size=3)
-    assert manifest["count"] == 12 and len(manifest["shards"]) == 3 and manifest["side"] == 4
+    # batches of 3 against shards of 4: every shard whole
+    assert manifest["count"] == 16 and [s["count"] for s in manifest["shards"]] == [4, 4, 4, 4] and manifest["side"] == 4
     cache = LatentCache(tmp_path / "cache")
     # sample 0 as the trainer would encode it, and its mirror in the second half
     from davae_training.imagenet.data import ClassImageFolder, class_names, index_class_folder
@@ -169,8 +161,8 @@ def test_training_from_the_latent_cache_never_encodes(inet, tmp_path, monkeypatc
     pixels = ClassImageFolder(records, labels, 128, random_flip=False)[0]["pixels"][None]
     codec = LatentCodec.from_config(cfg.tokenizer)
     assert torch.allclose(cache[0]["latents"], codec.encode(pixels)[0], atol=1e-5)
-    assert torch.allclose(cache[6]["latents"], codec.encode(pixels.flip(-1))[0], atol=1e-5)
-    assert cache[0]["label"] == cache[6]["label"] == labels[0]
+    assert torch.allclose(cache[8]["latents"], codec.encode(pixels.flip(-1))[0], atol=1e-5)
+    assert cache[0]["label"] == cache[8]["label"] == labels[0]
 
     def forbidden(*a, **k):
         raise AssertionError("the DA-VAE encoded images although a latent cache was given")
