@@ -3,6 +3,7 @@
     python -m davae_training.preflight --config training/configs/sd35m_1024.yaml [--steps 1] [--out DIR]
     python -m davae_training.preflight --config training/configs/tokenizer_sd3_paper.yaml --steps 1
     python -m davae_training.preflight --config training/configs/sd35m_1024_24gb.yaml --toy   # seconds, CPU
+    python -m davae_training.preflight --config training/configs/imagenet/lightningdit_xl_da_paper.yaml   # ImageNet stage 2
 
 Before renting GPUs: does the config build, step and fit?  Builds what the config names
 (stage 2: the SD3.5 transformer of ``model.architecture`` with LoRA and the DA heads, the frozen
@@ -63,11 +64,14 @@ def detect_stage(config_path: str | Path) -> str:
     import yaml
 
     data = yaml.safe_load(Path(config_path).read_text()) or {}
+    if "ema_decay" in data:  # training/configs/imagenet/lightningdit_*.yaml
+        return "imagenet"
     if "objective" in data or "tokenizer" in data:
         return "stage2"
     if "loss" in data:
         return "stage1"
-    raise ValueError(f"{config_path}: neither a stage-1 (has loss:) nor a stage-2 (has objective:/tokenizer:) config")
+    raise ValueError(f"{config_path}: neither a stage-1 (has loss:), a stage-2 (has objective:/tokenizer:) nor an "
+                     "ImageNet stage-2 (has ema_decay:) config")
 
 
 # ---------------------------------------------------------------------------- stage 2
@@ -88,6 +92,16 @@ def random_sd3_vae(toy: bool):
     from davae_core import SD3_VAE_CONFIG, tiny_vae_config
 
     vae = AutoencoderKL(**(tiny_vae_config(attention=True) if toy else SD3_VAE_CONFIG))
+    _randomize_(vae)
+    return vae.eval().requires_grad_(False)
+
+
+def random_vavae(toy: bool):
+    from diffusers import AutoencoderKL
+
+    from davae_core.davae_config import VAVAE_CONFIG, tiny_vavae_config
+
+    vae = AutoencoderKL(**(tiny_vavae_config() if toy else VAVAE_CONFIG))
     _randomize_(vae)
     return vae.eval().requires_grad_(False)
 
@@ -353,8 +367,15 @@ def build_stage1(cfg, toy: bool, device: torch.device):
     vae = None
     source = cfg.model.pretrained_vae
     if toy or not cfg.model.pretrained_vae:
-        vae = random_sd3_vae(toy)
-        source = f"SD3 VAE{' at toy width' if toy else ''}, random weights"
+        vae = random_vavae(toy) if cfg.model.base_vae == "vavae" else random_sd3_vae(toy)
+        source = f"{'VA-VAE' if cfg.model.base_vae == 'vavae' else 'SD3 VAE'}{' at toy width' if toy else ''}, random weights"
+        if toy and cfg.model.base_vae == "vavae":  # D per base channel kept: the toy VA-VAE has 4, not 32
+            from dataclasses import replace
+
+            from davae_core.davae_config import VAVAE_CONFIG
+
+            per_channel = cfg.model.detail_channels // VAVAE_CONFIG["latent_channels"]
+            cfg = replace(cfg, model=replace(cfg.model, detail_channels=per_channel * vae.config.latent_channels))
     davae, vae = build_model(cfg, vae)
     # at toy width the VGG16 stack would dominate: the small random-feature stand-in there
     perceptual = (RandomFeaturePerceptual() if toy else RandomVGG16Features()) if cfg.loss.lpips_weight > 0 else None
@@ -414,7 +435,13 @@ def preflight(config: str | Path, steps: int = 1, overrides: list[str] | tuple[s
     dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    if stage == "stage2":
+    if stage == "imagenet":
+        from .imagenet.config import LightningDiTTrainConfig
+        from .imagenet.preflight import run_imagenet
+
+        cfg = load_config(LightningDiTTrainConfig, config, overrides)
+        result = run_imagenet(cfg, steps, toy, dev, log, cpu_float32)
+    elif stage == "stage2":
         from .stage2.config import AdapterTrainConfig
 
         cfg = load_config(AdapterTrainConfig, config, overrides)
