@@ -173,9 +173,15 @@ def test_training_from_the_latent_cache_never_encodes(inet, tmp_path, monkeypatc
     assert summary["step"] == 2 and np.isfinite(summary["last_logged"]["loss"])
 
 
-def test_a_cache_made_at_another_resolution_is_refused(inet, tmp_path):
+def test_a_cache_made_at_another_resolution_or_by_another_davae_is_refused(inet, tmp_path):
+    from davae_core.checkpoint import save_davae
+    from davae_training.imagenet.fixtures import tiny_vavae_davae
     from davae_training.imagenet.latent_cache import make_latent_loader, write_latent_cache
 
     write_latent_cache(_config(inet, tmp_path / "run"), tmp_path / "cache", flips=False)
     with pytest.raises(ValueError, match="data.resolution=128"):
         make_latent_loader(str(tmp_path / "cache"), 2, seed=0, expect_resolution=256)
+    save_davae(tiny_vavae_davae(seed=5), tmp_path / "other_davae.safetensors")
+    with pytest.raises(ValueError, match="another DA-VAE"):
+        make_latent_loader(str(tmp_path / "cache"), 2, seed=0, tokenizer=str(tmp_path / "other_davae.safetensors"))
+    assert len(make_latent_loader(str(tmp_path / "cache"), 2, seed=0, tokenizer=str(inet / "davae_vavae.safetensors")).dataset) == 8

@@ -74,7 +74,7 @@ def make_batches(cfg: LightningDiTTrainConfig, loop: TrainingLoop, num_classes: 
         from .latent_cache import make_latent_loader
 
         return make_latent_loader(cfg.data.latent_cache, train.batch_size, expect_resolution=cfg.data.resolution,
-                                  num_classes=num_classes, **common)
+                                  num_classes=num_classes, tokenizer=cfg.tokenizer.path, **common)
     return make_class_loader(cfg.data, train.batch_size, accelerator=acc, num_classes=num_classes, **common)
 
 
