@@ -86,6 +86,21 @@ def test_export_loads_into_generate_and_samples(full_run, inet):
     assert set(raw) == {"model", "ema"} and "feat_rope.freqs_cos" in raw["model"]
 
 
+def test_a_checkpoint_exports_what_the_run_exported(full_run, tmp_path):
+    from davae_training.imagenet.export import export_run
+
+    out, summary = full_run
+    paths = export_run(out, str(out / "checkpoints" / "checkpoint-00000004"), out_dir=tmp_path, name="again")
+    ours, theirs = torch.load(paths["dit"], weights_only=True), torch.load(summary["export"]["dit"], weights_only=True)
+    for entry in ("model", "ema"):
+        assert ours[entry].keys() == theirs[entry].keys()
+        assert all(torch.equal(ours[entry][k], theirs[entry][k]) for k in ours[entry])
+    heads, their_heads = load_file(str(paths["heads"])), load_file(summary["export"]["heads"])
+    assert heads.keys() == their_heads.keys() and all(torch.equal(heads[k], their_heads[k]) for k in heads)
+    with pytest.raises(FileNotFoundError, match="output_dir of an ImageNet"):
+        export_run(tmp_path)
+
+
 def test_kill_and_resume_equals_the_uninterrupted_run(full_run, inet, tmp_path):
     from davae_training.imagenet.train import train
 
