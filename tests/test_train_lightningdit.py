@@ -200,3 +200,16 @@ def test_a_cache_made_at_another_resolution_or_by_another_davae_is_refused(inet,
     with pytest.raises(ValueError, match="another DA-VAE"):
         make_latent_loader(str(tmp_path / "cache"), 2, seed=0, tokenizer=str(tmp_path / "other_davae.safetensors"))
     assert len(make_latent_loader(str(tmp_path / "cache"), 2, seed=0, tokenizer=str(inet / "davae_vavae.safetensors")).dataset) == 8
+
+
+def test_the_step_encodes_as_the_cache_does_whatever_the_autocast(inet):
+    """The step's encode runs inside the loop's bf16 autocast; the cache's does not: both must give the same latents."""
+    from davae_core import load_davae
+    from davae_training.imagenet.latent_codec import LatentCodec
+
+    codec = LatentCodec(load_davae(inet / "davae_vavae.safetensors"), encode_batch_size=1)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = codec.encode(pixels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = codec.encode(pixels)
+    assert autocast.dtype == torch.float32 and torch.equal(plain, autocast)
