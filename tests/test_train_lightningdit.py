@@ -213,3 +213,28 @@ def test_the_step_encodes_as_the_cache_does_whatever_the_autocast(inet):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = codec.encode(pixels)
     assert autocast.dtype == torch.float32 and torch.equal(plain, autocast)
+
+
+def test_loss_falls_on_a_fixed_batch_detail_channels_included(inet):
+    """The same latents, noise and times every step: the DiT (and its zero-started O') fits them."""
+    from davae_core import load_davae
+    from davae_training.imagenet.config import DiTModelConfig
+    from davae_training.imagenet.flow import LightningFlowConfig
+    from davae_training.imagenet.latent_codec import LatentCodec
+    from davae_training.imagenet.step import DiTModel, DiTStep
+
+    codec = LatentCodec(load_davae(inet / "davae_vavae.safetensors"))
+    model = DiTModel.build(DiTModelConfig(checkpoint=str(inet / "lightningdit.pt")), 12, ema_decay=0.0)
+    step = DiTStep(model, codec, LightningFlowConfig(base_channels=4, detail_warmup_steps=0, label_dropout=0.0))
+    batch = {"latents": codec.encode(torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(1))),
+             "label": torch.tensor([0, 1, 2, 3])}
+    opt = torch.optim.AdamW(model.network.parameters(), lr=3e-3)
+    first = last = None
+    for i in range(40):
+        loss, logs = step(batch, 100, torch.Generator().manual_seed(7))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or {k: float(logs[k]) for k in ("loss/base_mse", "loss/detail_mse")}
+        last = {k: float(logs[k]) for k in ("loss/base_mse", "loss/detail_mse")}
+    assert last["loss/detail_mse"] < 0.5 * first["loss/detail_mse"] and last["loss/base_mse"] < 0.5 * first["loss/base_mse"], (first, last)
