@@ -3,6 +3,7 @@ on the tiny VA-VAE, a class folder; finite losses, heads moved off zero, export 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -238,3 +239,25 @@ def test_loss_falls_on_a_fixed_batch_detail_channels_included(inet):
         first = first or {k: float(logs[k]) for k in ("loss/base_mse", "loss/detail_mse")}
         last = {k: float(logs[k]) for k in ("loss/base_mse", "loss/detail_mse")}
     assert last["loss/detail_mse"] < 0.5 * first["loss/detail_mse"] and last["loss/base_mse"] < 0.5 * first["loss/base_mse"], (first, last)
+
+
+def test_a_checkpoint_written_before_a_config_key_existed_resumes_with_its_default(full_run, inet, tmp_path):
+    """Configs grow keys (stage 1 got model.base_vae, model.detail_dropout, data.upscale_small...): a checkpoint whose
+    config.yaml lacks one ran with its default, so a run that keeps the default resumes it."""
+    import shutil
+
+    import yaml
+
+    from davae_training.checkpoints import CHECKSUM_FILE, ResumeConfigError, _checksums, plan_resume
+
+    full, _ = full_run
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-00000004"
+    shutil.copytree(full / "checkpoints" / "checkpoint-00000004", ckpt)
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    del saved["model"]["head_init"], saved["data"]["latent_cache"]  # as an older version wrote it
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    (ckpt / CHECKSUM_FILE).write_text(json.dumps(_checksums(ckpt)))
+    plan = plan_resume("latest", _config(inet, tmp_path / "run"))
+    assert plan.path == ckpt and set(plan.changes) == {"train.output_dir", "data.index_cache"}  # where it writes
+    with pytest.raises(ResumeConfigError, match="model.head_init"):  # a non-default value still differs
+        plan_resume("latest", _config(inet, tmp_path / "run", "model.head_init=random"))
