@@ -8,7 +8,8 @@
 Before renting GPUs: does the config build, step and fit?  Builds what the config names
 (stage 2: the SD3.5 transformer of ``model.architecture`` with LoRA and the DA heads, the frozen
 DA-VAE on the SD3 VAE that encodes its images; stage 1: the DA-VAE on the SD3 VAE, its losses
-and discriminator) through the trainers' own builders, with random weights unless the config
+and discriminator; ImageNet stage 2: LightningDiT-XL/1 with DA heads and the DA-VAE on VA-VAE) through the
+trainers' own builders, with random weights unless the config
 points at real ones (no downloads), random images and text conditioning of the real shapes
 (77 CLIP + ``text.max_sequence_length`` T5 tokens x 4096, pooled 2048), batch 1 at the config's
 resolution, and the config's memory savers (gradient checkpointing, ``model.base_dtype``,
@@ -428,6 +429,87 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float3
     return {**info, "step_seconds": times, "discriminator_updates": d_updates}
 
 
+# ---------------------------------------------------------------------------- ImageNet stage 2 (LightningDiT)
+# the paper's ImageNet DA-VAE: D = 96 detail channels on VA-VAE's C = 32 (toy: 12 on the tiny VA-VAE's 4)
+IMAGENET_DETAIL_CHANNELS = {False: 96, True: 12}
+
+
+def random_vavae_davae(toy: bool, device: torch.device, dtype: torch.dtype):
+    """A DA-VAE on VA-VAE's architecture (the tiny one with ``toy``), random weights, frozen."""
+    from davae_core import DAVAE
+
+    davae = DAVAE.from_base_vae(random_vavae(toy), IMAGENET_DETAIL_CHANNELS[toy], base_name="vavae", decoder_base_space="raw")
+    return davae.to(device, dtype).requires_grad_(False).eval()
+
+
+def build_imagenet_dit(cfg, toy: bool, side: int, base_channels: int, detail_channels: int):
+    """(DA LightningDiT, description): the checkpoint when it exists and not ``toy``, else random weights."""
+    from davae_core.heads import DAHeads
+
+    from .imagenet.da_heads import attach_da_heads, heads_config_for_lightningdit, initialize_detail_heads
+    from .imagenet.fixtures import TINY_DIT, randomize
+    from .imagenet.lightningdit import LightningDiT, LightningDiTConfig, lightningdit_config
+    from .imagenet.step import build_da_dit
+
+    if not toy and cfg.model.checkpoint and Path(cfg.model.checkpoint).is_file():
+        return build_da_dit(cfg.model, detail_channels), cfg.model.checkpoint
+    fields = dict(input_size=side, in_channels=base_channels, use_qknorm=cfg.model.enable_qknorm)
+    config = LightningDiTConfig(**{**TINY_DIT, **fields}) if toy else lightningdit_config("XL/1", **fields)
+    dit = randomize(LightningDiT(config), seed=cfg.train.seed)
+    heads = initialize_detail_heads(DAHeads(heads_config_for_lightningdit(dit, detail_channels)), dit, cfg.model.head_init)
+    return attach_da_heads(dit, heads).train(), f"LightningDiT-{'toy' if toy else 'XL/1'}, random weights"
+
+
+def run_imagenet(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float32: bool = True) -> dict[str, Any]:
+    """LightningDiT's trainer step (:class:`~davae_training.imagenet.step.DiTStep`) on random images (or, with
+    ``data.latent_cache``, random latents: no encoder) of the config's micro-batch and resolution."""
+    from dataclasses import replace
+
+    from davae_core.dtypes import dtype_from_name
+
+    from .imagenet.latent_codec import LatentCodec
+    from .imagenet.step import DiTModel, DiTStep, check_latent_grid, fit_objective
+
+    torch.manual_seed(cfg.train.seed)
+    if cfg.tokenizer.path and Path(cfg.tokenizer.path).is_file() and not toy:
+        codec, vae_source = LatentCodec.from_config(cfg.tokenizer, cfg.data.encode_batch_size, device), cfg.tokenizer.path
+    else:
+        davae = random_vavae_davae(toy, device, dtype_from_name(cfg.tokenizer.dtype, "tokenizer.dtype"))
+        codec, vae_source = LatentCodec(davae, cfg.data.encode_batch_size), "DA-VAE on VA-VAE, random weights"
+    layout, res, micro = codec.layout, cfg.data.resolution, cfg.train.batch_size
+    dit, source = build_imagenet_dit(cfg, toy, codec.latent_side(res), layout.base_channels, layout.detail_channels)
+    if cfg.train.gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+    check_latent_grid(dit, codec, res)
+    autocast = "no" if device.type == "cpu" and cpu_float32 else cfg.train.mixed_precision  # fp32 weights; see run_stage1
+    engine = step_engine(replace(cfg.train, mixed_precision=autocast), device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    batch = {"label": torch.randint(0, dit.config.num_classes, (micro,), generator=gen, device=device)}
+    if cfg.data.latent_cache:
+        side = dit.config.input_size
+        batch["latents"] = torch.randn(micro, dit.in_channels, side, side, generator=gen, device=device)
+    else:
+        batch["pixels"] = torch.rand(micro, 3, res, res, generator=gen, device=device)
+    try:
+        model = DiTModel(dit, cfg.ema_decay)
+        engine.prepare(model)
+        info = {"stage": "imagenet", "model": source, "tokenizer": vae_source, "resolution": res, "micro_batch": micro,
+                "latent_shape": [micro, dit.in_channels, dit.config.input_size, dit.config.input_size],
+                "params_total": _count(dit), "params_trained": _count(dit, True), "head_init": cfg.model.head_init,
+                "qk_norm": dit.config.use_qknorm, "mixed_precision": cfg.train.mixed_precision, "autocast": autocast,
+                "optimizer": cfg.train.optimizer, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                "encodes_images": "pixels" in batch}
+        log(f"preflight ImageNet stage 2: {source}; {info['params_total'] / 1e6:.1f}M parameters, all trained; "
+            f"micro-batch {micro} at {res}px = latents {tuple(info['latent_shape'])} ({vae_source}"
+            f"{', encoded every step' if 'pixels' in batch else ', from the latent cache'}); autocast {autocast}, "
+            f"{cfg.train.optimizer}, gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}")
+        step = DiTStep(model, codec if "pixels" in batch else None, fit_objective(cfg.objective, codec, dit))
+        times = run_steps(engine, step, batch, steps, log)
+    finally:
+        engine.close()
+    return {**info, "step_seconds": times}
+
+
 # ---------------------------------------------------------------------------- command line
 def preflight(config: str | Path, steps: int = 1, overrides: list[str] | tuple[str, ...] = (), toy: bool = False,
               device: str = "auto", out: str | Path | None = None, log=print, cpu_float32: bool = True) -> dict[str, Any]:
@@ -437,7 +519,6 @@ def preflight(config: str | Path, steps: int = 1, overrides: list[str] | tuple[s
         torch.cuda.reset_peak_memory_stats(dev)
     if stage == "imagenet":
         from .imagenet.config import LightningDiTTrainConfig
-        from .imagenet.preflight import run_imagenet
 
         cfg = load_config(LightningDiTTrainConfig, config, overrides)
         result = run_imagenet(cfg, steps, toy, dev, log, cpu_float32)

@@ -2,6 +2,6 @@
 
 Model (``lightningdit``, ``lightningdit_checkpoint``, ``da_heads``), objective and sampler (``flow``,
 ``sampler``), the stage-2 trainer (``train``: ``config``, ``data``, ``latent_codec``, ``latent_cache``,
-``step``, ``export``, ``preflight``), evaluation (``metrics``, ``generate``) and the tiny fixtures in
+``step``, ``export``), evaluation (``metrics``, ``generate``) and the tiny fixtures in
 the public layouts (``fixtures``).  Guide: docs/TRAINING_IMAGENET.md.
 """
