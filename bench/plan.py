@@ -349,15 +349,18 @@ def imagenet_stage2_plan(name: str, cfg) -> dict[str, Any]:
         "ema_fp32": params * 4 if cfg.ema_decay > 0 else 0, "activations_per_sample": saved,
     }
     encode_flops, micro = 0, loop.batch_size
-    if not cfg.data.latent_cache:  # the frozen DA-VAE encodes every image in the step
+    if not cfg.data.latent_cache:  # the frozen DA-VAE encodes every image in the step, in its own dtype
+        from davae_core.dtypes import dtype_from_name
+
+        vae_dtype = dtype_from_name(cfg.tokenizer.dtype, "tokenizer.dtype")
         with torch.device("meta"):
             davae = DAVAE.from_base_vae(AutoencoderKL(**VAVAE_CONFIG), detail, base_name="vavae", decoder_base_space="raw")
-            img = torch.rand(1, 3, cfg.data.resolution, cfg.data.resolution, dtype=act)
+            img = torch.rand(1, 3, cfg.data.resolution, cfg.data.resolution, dtype=vae_dtype)
         with torch.no_grad():
-            encode_flops, _ = count(lambda: davae.to(act).encode_raw(img))
+            encode_flops, _ = count(lambda: davae.to(vae_dtype).encode_raw(img))
         memory["davae_weights"] = sum(p.numel() for p in davae.parameters()) * DTYPE_BYTES[cfg.tokenizer.dtype]
         memory["encode_transient"] = encode_transient_bytes(davae.config, min(cfg.data.encode_batch_size, micro),
-                                                            cfg.data.resolution, act)
+                                                            cfg.data.resolution, vae_dtype)
     memory["activations_micro_batch"] = saved * micro
     transient = max(memory["activations_micro_batch"], memory.get("encode_transient", 0))
     memory["total_estimate"] = transient + sum(v for k, v in memory.items()

@@ -246,18 +246,11 @@ def test_stage1_adaptive_alignment_weight_trains_alike_under_ddp_and_fsdp(stage1
 
 @pytest.fixture(scope="module")
 def imagenet_inputs(tmp_path_factory):
-    """The tiny LightningDiT {model, ema} file, a DA-VAE on the tiny VA-VAE and a two-class folder."""
-    from davae_core.checkpoint import save_davae
-    from davae_training.imagenet.fixtures import tiny_vavae_davae, write_fixtures
+    """The tiny LightningDiT {model, ema} file, a DA-VAE on the tiny VA-VAE and a two-class folder (all in one)."""
+    from davae_training.imagenet.fixtures import write_fixtures
 
     root = tmp_path_factory.mktemp("imagenet_engines")
-    write_fixtures(root / "public")
-    save_davae(tiny_vavae_davae(0), root / "davae.safetensors")
-    rng = np.random.default_rng(2)
-    for wnid in ("n01440764", "n01443537"):
-        (root / "train" / wnid).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (140, 150, 3), dtype=np.uint8)).save(root / "train" / wnid / f"{i}.png")
+    write_fixtures(root)
     return root
 
 
@@ -269,8 +262,8 @@ def test_imagenet_stage2_runs_under_ddp_and_fsdp_alike(imagenet_inputs):
     root, runs = imagenet_inputs, {}
     for engine in ("ddp", "fsdp"):
         out = root / f"lightningdit_{engine}"
-        sets = [f"train.output_dir={out}", f"model.checkpoint={root / 'public' / 'lightningdit.pt'}",
-                f"tokenizer.path={root / 'davae.safetensors'}", f"data.root={root / 'train'}",
+        sets = [f"train.output_dir={out}", f"model.checkpoint={root / 'lightningdit.pt'}",
+                f"tokenizer.path={root / 'davae_vavae.safetensors'}", f"data.root={root / 'train'}",
                 "train.gradient_accumulation_steps=2", "train.max_steps=3", "train.image_every=3", "train.checkpoint_every=0"]
         r = _launch(engine, "davae_training.train_lightningdit", CONFIGS / "imagenet" / "lightningdit_tiny.yaml", sets)
         assert r.returncode == 0, r.stderr[-5000:]
@@ -280,5 +273,5 @@ def test_imagenet_stage2_runs_under_ddp_and_fsdp_alike(imagenet_inputs):
     finals = [load_file(str(run / "final" / "dit_ema.safetensors")) for run in runs.values()]
     assert _close(*finals) <= ENGINE_ATOL["stage2"]
     export = _summary(runs["fsdp"])["export"]
-    _, dit = load_models(str(root / "davae.safetensors"), export["dit"], export["heads"])
+    _, dit = load_models(str(root / "davae_vavae.safetensors"), export["dit"], export["heads"])
     assert torch.equal(dit.final_layer.linear.detail.weight, finals[1]["final_layer.linear.detail.weight"])

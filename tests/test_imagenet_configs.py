@@ -98,3 +98,24 @@ def test_the_stage1_recipe_is_table_s1s():
     loss = cfg.loss
     assert (loss.lpips_weight, loss.l1_weight, loss.gan_weight, loss.kl_weight, loss.align_weight) == (1.0, 1.0, 0.1, 1e-6, 0.5)
     assert cfg.model.base_vae == "vavae" and cfg.model.detail_channels == 96 and cfg.model.detail_dropout == 0.1
+
+
+@pytest.mark.parametrize("config, sets", [
+    ("lightningdit_xl_da_authors", ["data.resolution=64", "train.batch_size=2"]),  # qk-norm on, images encoded
+    ("lightningdit_xl_t5_repeat_average", ["data.resolution=64", "train.batch_size=2", "data.latent_cache=cache"]),
+    ("tokenizer_vavae", ["data.resolution=64", "train.batch_size=1", "loss.gan_start_step=0"]),
+])
+def test_imagenet_configs_pass_preflight_at_toy_width(config, sets):
+    import math
+
+    from davae_training.preflight import preflight
+
+    lines = []
+    result = preflight(IMAGENET / f"{config}.yaml", steps=2, overrides=sets, toy=True, device="cpu", log=lines.append)
+    assert len(result["step_seconds"]) == 2 and all(math.isfinite(float(ln.rsplit("loss ", 1)[1])) for ln in lines if "loss " in ln)
+    if config.startswith("lightningdit"):
+        assert result["stage"] == "imagenet" and result["latent_shape"] == [2, 16, 2, 2]  # C + D = 4 + 12 at toy width
+        assert result["qk_norm"] == (config == "lightningdit_xl_da_authors")
+        assert result["encodes_images"] == ("data.latent_cache=cache" not in sets)
+    else:
+        assert result["stage"] == "stage1" and result["model"].startswith("VA-VAE at toy width")

@@ -12,34 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+
+from davae_training.imagenet.fixtures import TINY_CLASSES as CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "imagenet" / "lightningdit_tiny.yaml"
-CLASSES = ("n01440764", "n01443537")  # two ImageNet wnids: labels 0 and 1 once sorted
 
 
 @pytest.fixture(scope="module")
 def inet(tmp_path_factory):
     """The tiny public-layout files, our DA-VAE file on the tiny VA-VAE and a two-class image folder."""
-    from davae_core.checkpoint import save_davae
-    from davae_training.imagenet.fixtures import tiny_vavae_davae, write_fixtures
+    from davae_training.imagenet.fixtures import write_fixtures
 
     root = tmp_path_factory.mktemp("inet")
-    write_fixtures(root / "public")
-    save_davae(tiny_vavae_davae(0), root / "davae_vavae.safetensors")
-    rng = np.random.default_rng(0)
-    for c, wnid in enumerate(CLASSES):
-        (root / "train" / wnid).mkdir(parents=True)
-        for i in range(3):
-            size = (150 + 10 * i, 136 + c * 20)  # not square, not the resolution: the centre crop resizes
-            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "train" / wnid / f"{i}.png")
+    write_fixtures(root)
     return root
 
 
 def _sets(inet, out, *extra):
-    return [f"train.output_dir={out}", f"model.checkpoint={inet / 'public' / 'lightningdit.pt'}",
+    return [f"train.output_dir={out}", f"model.checkpoint={inet / 'lightningdit.pt'}",
             f"tokenizer.path={inet / 'davae_vavae.safetensors'}", f"data.root={inet / 'train'}", *extra]
 
 
@@ -95,6 +87,21 @@ def test_export_loads_into_generate_and_samples(full_run, inet):
     assert set(raw) == {"model", "ema"} and "feat_rope.freqs_cos" in raw["model"]
 
 
+def test_a_checkpoint_exports_what_the_run_exported(full_run, tmp_path):
+    from davae_training.imagenet.export import export_run
+
+    out, summary = full_run
+    paths = export_run(out, str(out / "checkpoints" / "checkpoint-00000004"), out_dir=tmp_path, name="again")
+    ours, theirs = torch.load(paths["dit"], weights_only=True), torch.load(summary["export"]["dit"], weights_only=True)
+    for entry in ("model", "ema"):
+        assert ours[entry].keys() == theirs[entry].keys()
+        assert all(torch.equal(ours[entry][k], theirs[entry][k]) for k in ours[entry])
+    heads, their_heads = load_file(str(paths["heads"])), load_file(summary["export"]["heads"])
+    assert heads.keys() == their_heads.keys() and all(torch.equal(heads[k], their_heads[k]) for k in heads)
+    with pytest.raises(FileNotFoundError, match="output_dir of an ImageNet"):
+        export_run(tmp_path)
+
+
 def test_kill_and_resume_equals_the_uninterrupted_run(full_run, inet, tmp_path):
     from davae_training.imagenet.train import train
 
@@ -127,9 +134,9 @@ def test_labels_follow_the_sorted_class_folders(inet):
     from davae_training.imagenet.config import ClassDataConfig
     from davae_training.imagenet.data import make_class_loader
 
-    loader = make_class_loader(ClassDataConfig(root=str(inet / "train"), resolution=32, index_cache=None), 6, seed=0)
+    loader = make_class_loader(ClassDataConfig(root=str(inet / "train"), resolution=32, index_cache=None), 8, seed=0)
     batch = next(iter(loader))
-    assert batch["pixels"].shape == (6, 3, 32, 32)
+    assert batch["pixels"].shape == (8, 3, 32, 32)
     names = [loader.dataset.records[i].key.split("/")[0] for i in batch["index"].tolist()]
     assert batch["label"].tolist() == [CLASSES.index(n) for n in names]
 
@@ -139,7 +146,7 @@ def test_head_init_and_qk_norm_reach_the_model(inet, mode):
     from davae_training.imagenet.config import DiTModelConfig
     from davae_training.imagenet.step import DiTModel
 
-    cfg = DiTModelConfig(checkpoint=str(inet / "public" / "lightningdit.pt"), head_init=mode, enable_qknorm=True)
+    cfg = DiTModelConfig(checkpoint=str(inet / "lightningdit.pt"), head_init=mode, enable_qknorm=True)
     dit = DiTModel.build(cfg, detail_channels=12, ema_decay=0.999).module
     assert dit.config.use_qknorm and dit.blocks[0].attn.q_norm.weight.requires_grad
     embed = dit.x_embedder.proj
@@ -149,7 +156,7 @@ def test_head_init_and_qk_norm_reach_the_model(inet, mode):
         assert embed.detail.weight.abs().max() > 0 and dit.final_layer.linear.detail.weight.abs().max() > 0
     else:  # detail channel j reads base channel j mod 4, every column divided by ceil(16 / 4) = 4
         assert torch.allclose(embed.detail.weight[:, 5], embed.stock.weight[:, 1])
-        assert torch.allclose(embed.stock.weight * 4, torch.load(inet / "public" / "lightningdit.pt",
+        assert torch.allclose(embed.stock.weight * 4, torch.load(inet / "lightningdit.pt",
                                                                   weights_only=True)["ema"]["x_embedder.proj.weight"])
 
 
@@ -160,7 +167,8 @@ def test_training_from_the_latent_cache_never_encodes(inet, tmp_path, monkeypatc
 
     cfg = _config(inet, tmp_path / "run")
     manifest = write_latent_cache(cfg, tmp_path / "cache", flips=True, shard_size=4, dtype="float32", batch_size=3)
-    assert manifest["count"] == 12 and len(manifest["shards"]) == 3 and manifest["side"] == 4
+    # batches of 3 against shards of 4: every shard whole
+    assert manifest["count"] == 16 and [s["count"] for s in manifest["shards"]] == [4, 4, 4, 4] and manifest["side"] == 4
     cache = LatentCache(tmp_path / "cache")
     # sample 0 as the trainer would encode it, and its mirror in the second half
     from davae_training.imagenet.data import ClassImageFolder, class_names, index_class_folder
@@ -169,8 +177,8 @@ def test_training_from_the_latent_cache_never_encodes(inet, tmp_path, monkeypatc
     pixels = ClassImageFolder(records, labels, 128, random_flip=False)[0]["pixels"][None]
     codec = LatentCodec.from_config(cfg.tokenizer)
     assert torch.allclose(cache[0]["latents"], codec.encode(pixels)[0], atol=1e-5)
-    assert torch.allclose(cache[6]["latents"], codec.encode(pixels.flip(-1))[0], atol=1e-5)
-    assert cache[0]["label"] == cache[6]["label"] == labels[0]
+    assert torch.allclose(cache[8]["latents"], codec.encode(pixels.flip(-1))[0], atol=1e-5)
+    assert cache[0]["label"] == cache[8]["label"] == labels[0]
 
     def forbidden(*a, **k):
         raise AssertionError("the DA-VAE encoded images although a latent cache was given")
@@ -181,9 +189,75 @@ def test_training_from_the_latent_cache_never_encodes(inet, tmp_path, monkeypatc
     assert summary["step"] == 2 and np.isfinite(summary["last_logged"]["loss"])
 
 
-def test_a_cache_made_at_another_resolution_is_refused(inet, tmp_path):
+def test_a_cache_made_at_another_resolution_or_by_another_davae_is_refused(inet, tmp_path):
+    from davae_core.checkpoint import save_davae
+    from davae_training.imagenet.fixtures import tiny_vavae_davae
     from davae_training.imagenet.latent_cache import make_latent_loader, write_latent_cache
 
     write_latent_cache(_config(inet, tmp_path / "run"), tmp_path / "cache", flips=False)
     with pytest.raises(ValueError, match="data.resolution=128"):
         make_latent_loader(str(tmp_path / "cache"), 2, seed=0, expect_resolution=256)
+    save_davae(tiny_vavae_davae(seed=5), tmp_path / "other_davae.safetensors")
+    with pytest.raises(ValueError, match="another DA-VAE"):
+        make_latent_loader(str(tmp_path / "cache"), 2, seed=0, tokenizer=str(tmp_path / "other_davae.safetensors"))
+    assert len(make_latent_loader(str(tmp_path / "cache"), 2, seed=0, tokenizer=str(inet / "davae_vavae.safetensors")).dataset) == 8
+
+
+def test_the_step_encodes_as_the_cache_does_whatever_the_autocast(inet):
+    """The step's encode runs inside the loop's bf16 autocast; the cache's does not: both must give the same latents."""
+    from davae_core import load_davae
+    from davae_training.imagenet.latent_codec import LatentCodec
+
+    codec = LatentCodec(load_davae(inet / "davae_vavae.safetensors"), encode_batch_size=1)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = codec.encode(pixels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = codec.encode(pixels)
+    assert autocast.dtype == torch.float32 and torch.equal(plain, autocast)
+
+
+def test_loss_falls_on_a_fixed_batch_detail_channels_included(inet):
+    """The same latents, noise and times every step: the DiT (and its zero-started O') fits them."""
+    from davae_core import load_davae
+    from davae_training.imagenet.config import DiTModelConfig
+    from davae_training.imagenet.flow import LightningFlowConfig
+    from davae_training.imagenet.latent_codec import LatentCodec
+    from davae_training.imagenet.step import DiTModel, DiTStep
+
+    codec = LatentCodec(load_davae(inet / "davae_vavae.safetensors"))
+    model = DiTModel.build(DiTModelConfig(checkpoint=str(inet / "lightningdit.pt")), 12, ema_decay=0.0)
+    step = DiTStep(model, codec, LightningFlowConfig(base_channels=4, detail_warmup_steps=0, label_dropout=0.0))
+    batch = {"latents": codec.encode(torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(1))),
+             "label": torch.tensor([0, 1, 2, 3])}
+    opt = torch.optim.AdamW(model.network.parameters(), lr=3e-3)
+    first = last = None
+    for i in range(40):
+        loss, logs = step(batch, 100, torch.Generator().manual_seed(7))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or {k: float(logs[k]) for k in ("loss/base_mse", "loss/detail_mse")}
+        last = {k: float(logs[k]) for k in ("loss/base_mse", "loss/detail_mse")}
+    assert last["loss/detail_mse"] < 0.5 * first["loss/detail_mse"] and last["loss/base_mse"] < 0.5 * first["loss/base_mse"], (first, last)
+
+
+def test_a_checkpoint_written_before_a_config_key_existed_resumes_with_its_default(full_run, inet, tmp_path):
+    """Configs grow keys (stage 1 got model.base_vae, model.detail_dropout, data.upscale_small...): a checkpoint whose
+    config.yaml lacks one ran with its default, so a run that keeps the default resumes it."""
+    import shutil
+
+    import yaml
+
+    from davae_training.checkpoints import CHECKSUM_FILE, ResumeConfigError, _checksums, plan_resume
+
+    full, _ = full_run
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-00000004"
+    shutil.copytree(full / "checkpoints" / "checkpoint-00000004", ckpt)
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    del saved["model"]["head_init"], saved["data"]["latent_cache"]  # as an older version wrote it
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    (ckpt / CHECKSUM_FILE).write_text(json.dumps(_checksums(ckpt)))
+    plan = plan_resume("latest", _config(inet, tmp_path / "run"))
+    assert plan.path == ckpt and set(plan.changes) == {"train.output_dir", "data.index_cache"}  # where it writes
+    with pytest.raises(ResumeConfigError, match="model.head_init"):  # a non-default value still differs
+        plan_resume("latest", _config(inet, tmp_path / "run", "model.head_init=random"))

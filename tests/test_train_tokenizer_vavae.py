@@ -4,7 +4,6 @@ the exported DA-VAE read by the ImageNet stage-2 codec."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,7 @@ def public(tmp_path_factory):
     from davae_training.imagenet.fixtures import write_fixtures
 
     root = tmp_path_factory.mktemp("public")
-    manifest = write_fixtures(root)
-    (root / "vavae_config.json").write_text(json.dumps(manifest["files"]["vavae.pt"]["config"], default=list))
+    write_fixtures(root)  # vavae.pt, latents_stats.pt and vavae_config.json among them
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(1)

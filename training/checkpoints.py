@@ -261,14 +261,17 @@ _LOOP_DEFAULTS = {f"train.{f.name}": f.default for f in dataclasses.fields(Train
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], change_learning_rate: bool,
-                        checkpoint: str | os.PathLike, new_phase: bool = False) -> dict[str, tuple[Any, Any]]:
+                        checkpoint: str | os.PathLike, new_phase: bool = False,
+                        defaults: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
     """The keys that differ (``{key: (saved, now)}``) if all may change; otherwise ResumeConfigError.
 
     ``new_phase``: the checkpoint is an earlier phase's (``train.continue_from``), whose data may differ.
+    ``defaults``: the flattened defaults of the run's config class; a key the saved config lacks (the
+    checkpoint predates it) ran with its default.
     """
     old, new = flatten_config(saved), flatten_config(current)
     missing = object()
-    for key, default in _LOOP_DEFAULTS.items():
+    for key, default in {**_LOOP_DEFAULTS, **(defaults or {})}.items():
         if key not in old and key in new:
             old[key] = default
     diff = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)}
@@ -329,7 +332,8 @@ def plan_resume(resume: str | None, config: Any, change_learning_rate: bool = Fa
         raise RunCheckpointError(f"{path}: no {RUN_CONFIG}, so the config cannot be compared; start a new run")
     saved = yaml.safe_load(saved_file.read_text()) or {}
     current = yaml.safe_load(yaml.safe_dump(config_to_dict(config), sort_keys=False))  # tuples -> lists, as saved
-    changes = check_resume_config(saved, current, change_learning_rate, path, new_phase)
+    defaults = yaml.safe_load(yaml.safe_dump(config_to_dict(type(config)()), sort_keys=False))
+    changes = check_resume_config(saved, current, change_learning_rate, path, new_phase, flatten_config(defaults))
     for key, (old, new) in changes.items():
         logger.info("resume: %s changed %r -> %r (applied)", key, old, new)
     new_lr = changes[LEARNING_RATE_KEY][1] if LEARNING_RATE_KEY in changes else None

@@ -3,11 +3,13 @@
     python -m davae_training.preflight --config training/configs/sd35m_1024.yaml [--steps 1] [--out DIR]
     python -m davae_training.preflight --config training/configs/tokenizer_sd3_paper.yaml --steps 1
     python -m davae_training.preflight --config training/configs/sd35m_1024_24gb.yaml --toy   # seconds, CPU
+    python -m davae_training.preflight --config training/configs/imagenet/lightningdit_xl_da_paper.yaml   # ImageNet stage 2
 
 Before renting GPUs: does the config build, step and fit?  Builds what the config names
 (stage 2: the SD3.5 transformer of ``model.architecture`` with LoRA and the DA heads, the frozen
 DA-VAE on the SD3 VAE that encodes its images; stage 1: the DA-VAE on the SD3 VAE, its losses
-and discriminator) through the trainers' own builders, with random weights unless the config
+and discriminator; ImageNet stage 2: LightningDiT-XL/1 with DA heads and the DA-VAE on VA-VAE) through the
+trainers' own builders, with random weights unless the config
 points at real ones (no downloads), random images and text conditioning of the real shapes
 (77 CLIP + ``text.max_sequence_length`` T5 tokens x 4096, pooled 2048), batch 1 at the config's
 resolution, and the config's memory savers (gradient checkpointing, ``model.base_dtype``,
@@ -63,11 +65,14 @@ def detect_stage(config_path: str | Path) -> str:
     import yaml
 
     data = yaml.safe_load(Path(config_path).read_text()) or {}
+    if "ema_decay" in data:  # training/configs/imagenet/lightningdit_*.yaml
+        return "imagenet"
     if "objective" in data or "tokenizer" in data:
         return "stage2"
     if "loss" in data:
         return "stage1"
-    raise ValueError(f"{config_path}: neither a stage-1 (has loss:) nor a stage-2 (has objective:/tokenizer:) config")
+    raise ValueError(f"{config_path}: neither a stage-1 (has loss:), a stage-2 (has objective:/tokenizer:) nor an "
+                     "ImageNet stage-2 (has ema_decay:) config")
 
 
 # ---------------------------------------------------------------------------- stage 2
@@ -88,6 +93,16 @@ def random_sd3_vae(toy: bool):
     from davae_core import SD3_VAE_CONFIG, tiny_vae_config
 
     vae = AutoencoderKL(**(tiny_vae_config(attention=True) if toy else SD3_VAE_CONFIG))
+    _randomize_(vae)
+    return vae.eval().requires_grad_(False)
+
+
+def random_vavae(toy: bool):
+    from diffusers import AutoencoderKL
+
+    from davae_core.davae_config import VAVAE_CONFIG, tiny_vavae_config
+
+    vae = AutoencoderKL(**(tiny_vavae_config() if toy else VAVAE_CONFIG))
     _randomize_(vae)
     return vae.eval().requires_grad_(False)
 
@@ -353,8 +368,15 @@ def build_stage1(cfg, toy: bool, device: torch.device):
     vae = None
     source = cfg.model.pretrained_vae
     if toy or not cfg.model.pretrained_vae:
-        vae = random_sd3_vae(toy)
-        source = f"SD3 VAE{' at toy width' if toy else ''}, random weights"
+        vae = random_vavae(toy) if cfg.model.base_vae == "vavae" else random_sd3_vae(toy)
+        source = f"{'VA-VAE' if cfg.model.base_vae == 'vavae' else 'SD3 VAE'}{' at toy width' if toy else ''}, random weights"
+        if toy and cfg.model.base_vae == "vavae":  # D per base channel kept: the toy VA-VAE has 4, not 32
+            from dataclasses import replace
+
+            from davae_core.davae_config import VAVAE_CONFIG
+
+            per_channel = cfg.model.detail_channels // VAVAE_CONFIG["latent_channels"]
+            cfg = replace(cfg, model=replace(cfg.model, detail_channels=per_channel * vae.config.latent_channels))
     davae, vae = build_model(cfg, vae)
     # at toy width the VGG16 stack would dominate: the small random-feature stand-in there
     perceptual = (RandomFeaturePerceptual() if toy else RandomVGG16Features()) if cfg.loss.lpips_weight > 0 else None
@@ -407,6 +429,87 @@ def run_stage1(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float3
     return {**info, "step_seconds": times, "discriminator_updates": d_updates}
 
 
+# ---------------------------------------------------------------------------- ImageNet stage 2 (LightningDiT)
+# the paper's ImageNet DA-VAE: D = 96 detail channels on VA-VAE's C = 32 (toy: 12 on the tiny VA-VAE's 4)
+IMAGENET_DETAIL_CHANNELS = {False: 96, True: 12}
+
+
+def random_vavae_davae(toy: bool, device: torch.device, dtype: torch.dtype):
+    """A DA-VAE on VA-VAE's architecture (the tiny one with ``toy``), random weights, frozen."""
+    from davae_core import DAVAE
+
+    davae = DAVAE.from_base_vae(random_vavae(toy), IMAGENET_DETAIL_CHANNELS[toy], base_name="vavae", decoder_base_space="raw")
+    return davae.to(device, dtype).requires_grad_(False).eval()
+
+
+def build_imagenet_dit(cfg, toy: bool, side: int, base_channels: int, detail_channels: int):
+    """(DA LightningDiT, description): the checkpoint when it exists and not ``toy``, else random weights."""
+    from davae_core.heads import DAHeads
+
+    from .imagenet.da_heads import attach_da_heads, heads_config_for_lightningdit, initialize_detail_heads
+    from .imagenet.fixtures import TINY_DIT, randomize
+    from .imagenet.lightningdit import LightningDiT, LightningDiTConfig, lightningdit_config
+    from .imagenet.step import build_da_dit
+
+    if not toy and cfg.model.checkpoint and Path(cfg.model.checkpoint).is_file():
+        return build_da_dit(cfg.model, detail_channels), cfg.model.checkpoint
+    fields = dict(input_size=side, in_channels=base_channels, use_qknorm=cfg.model.enable_qknorm)
+    config = LightningDiTConfig(**{**TINY_DIT, **fields}) if toy else lightningdit_config("XL/1", **fields)
+    dit = randomize(LightningDiT(config), seed=cfg.train.seed)
+    heads = initialize_detail_heads(DAHeads(heads_config_for_lightningdit(dit, detail_channels)), dit, cfg.model.head_init)
+    return attach_da_heads(dit, heads).train(), f"LightningDiT-{'toy' if toy else 'XL/1'}, random weights"
+
+
+def run_imagenet(cfg, steps: int, toy: bool, device: torch.device, log, cpu_float32: bool = True) -> dict[str, Any]:
+    """LightningDiT's trainer step (:class:`~davae_training.imagenet.step.DiTStep`) on random images (or, with
+    ``data.latent_cache``, random latents: no encoder) of the config's micro-batch and resolution."""
+    from dataclasses import replace
+
+    from davae_core.dtypes import dtype_from_name
+
+    from .imagenet.latent_codec import LatentCodec
+    from .imagenet.step import DiTModel, DiTStep, check_latent_grid, fit_objective
+
+    torch.manual_seed(cfg.train.seed)
+    if cfg.tokenizer.path and Path(cfg.tokenizer.path).is_file() and not toy:
+        codec, vae_source = LatentCodec.from_config(cfg.tokenizer, cfg.data.encode_batch_size, device), cfg.tokenizer.path
+    else:
+        davae = random_vavae_davae(toy, device, dtype_from_name(cfg.tokenizer.dtype, "tokenizer.dtype"))
+        codec, vae_source = LatentCodec(davae, cfg.data.encode_batch_size), "DA-VAE on VA-VAE, random weights"
+    layout, res, micro = codec.layout, cfg.data.resolution, cfg.train.batch_size
+    dit, source = build_imagenet_dit(cfg, toy, codec.latent_side(res), layout.base_channels, layout.detail_channels)
+    if cfg.train.gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+    check_latent_grid(dit, codec, res)
+    autocast = "no" if device.type == "cpu" and cpu_float32 else cfg.train.mixed_precision  # fp32 weights; see run_stage1
+    engine = step_engine(replace(cfg.train, mixed_precision=autocast), device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    batch = {"label": torch.randint(0, dit.config.num_classes, (micro,), generator=gen, device=device)}
+    if cfg.data.latent_cache:
+        side = dit.config.input_size
+        batch["latents"] = torch.randn(micro, dit.in_channels, side, side, generator=gen, device=device)
+    else:
+        batch["pixels"] = torch.rand(micro, 3, res, res, generator=gen, device=device)
+    try:
+        model = DiTModel(dit, cfg.ema_decay)
+        engine.prepare(model)
+        info = {"stage": "imagenet", "model": source, "tokenizer": vae_source, "resolution": res, "micro_batch": micro,
+                "latent_shape": [micro, dit.in_channels, dit.config.input_size, dit.config.input_size],
+                "params_total": _count(dit), "params_trained": _count(dit, True), "head_init": cfg.model.head_init,
+                "qk_norm": dit.config.use_qknorm, "mixed_precision": cfg.train.mixed_precision, "autocast": autocast,
+                "optimizer": cfg.train.optimizer, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                "encodes_images": "pixels" in batch}
+        log(f"preflight ImageNet stage 2: {source}; {info['params_total'] / 1e6:.1f}M parameters, all trained; "
+            f"micro-batch {micro} at {res}px = latents {tuple(info['latent_shape'])} ({vae_source}"
+            f"{', encoded every step' if 'pixels' in batch else ', from the latent cache'}); autocast {autocast}, "
+            f"{cfg.train.optimizer}, gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}")
+        step = DiTStep(model, codec if "pixels" in batch else None, fit_objective(cfg.objective, codec, dit))
+        times = run_steps(engine, step, batch, steps, log)
+    finally:
+        engine.close()
+    return {**info, "step_seconds": times}
+
+
 # ---------------------------------------------------------------------------- command line
 def preflight(config: str | Path, steps: int = 1, overrides: list[str] | tuple[str, ...] = (), toy: bool = False,
               device: str = "auto", out: str | Path | None = None, log=print, cpu_float32: bool = True) -> dict[str, Any]:
@@ -414,7 +517,12 @@ def preflight(config: str | Path, steps: int = 1, overrides: list[str] | tuple[s
     dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    if stage == "stage2":
+    if stage == "imagenet":
+        from .imagenet.config import LightningDiTTrainConfig
+
+        cfg = load_config(LightningDiTTrainConfig, config, overrides)
+        result = run_imagenet(cfg, steps, toy, dev, log, cpu_float32)
+    elif stage == "stage2":
         from .stage2.config import AdapterTrainConfig
 
         cfg = load_config(AdapterTrainConfig, config, overrides)

@@ -8,10 +8,15 @@
   from the EMA unless ``export.use_ema`` is off.
 
     python -m davae_training.imagenet.generate --davae DAVAE --dit <name>_dit.pt --heads <name>_heads.safetensors ...
+
+The trainer writes both at the end of a run; for a checkpoint of a stopped run:
+
+    python -m davae_training.imagenet.export --run RUN_DIR [--checkpoint latest|final|PATH] [--no-ema] [--out DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -75,3 +80,53 @@ def write_exports(trained: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]
     heads_path = save_heads(heads, out / f"{name}_heads.safetensors",
                             info={"ema": heads_source is ema and bool(ema), **(info or {})})
     return {"dit": dit_path, "heads": heads_path}
+
+
+def export_run(run_dir: str | os.PathLike, checkpoint: str = "latest", use_ema: bool = True, out_dir: str | os.PathLike | None = None,
+               name: str | None = None) -> dict[str, Path]:
+    """Both files from a run's checkpoint (or ``final/``), the DiT rebuilt from the run's own config."""
+    from safetensors.torch import load_file
+
+    from ..checkpoints import FINAL_DIR, RUN_CONFIG, latest_complete_checkpoint
+    from ..config import load_config
+    from .config import LightningDiTTrainConfig
+    from .step import DiTModel, build_da_dit
+
+    run = Path(run_dir)
+    if not (run / RUN_CONFIG).is_file():
+        raise FileNotFoundError(f"{run}: no {RUN_CONFIG}; pass the output_dir of an ImageNet stage-2 run")
+    cfg = load_config(LightningDiTTrainConfig, run / RUN_CONFIG)
+    if checkpoint in ("latest", "final"):
+        final = run / FINAL_DIR
+        folder = final if (final / DiTModel.weights_file).is_file() else None
+        if folder is None and checkpoint == "latest":
+            folder = latest_complete_checkpoint(run)[0]
+        if folder is None:
+            raise FileNotFoundError(f"{run}: no {'checkpoint and no ' if checkpoint == 'latest' else ''}final/ weights yet")
+    else:
+        folder = Path(checkpoint)
+    trained = load_file(str(folder / DiTModel.weights_file))
+    ema = load_file(str(folder / DiTModel.ema_file)) if (folder / DiTModel.ema_file).is_file() else {}
+    detail_channels = trained[f"{EMBED}.detail.weight"].shape[1]
+    dit = build_da_dit(cfg.model, detail_channels)  # the tables and heads layout the trained tensors belong to
+    missing = sorted(set(dict(dit.named_parameters())) - set(trained))
+    if missing:
+        raise ValueError(f"{folder}: holds no {missing[:3]}: not a checkpoint of this run's model")
+    info = {"trainer": "davae_training.train_lightningdit", "source": str(folder), "head_init": cfg.model.head_init}
+    return write_exports(trained, ema, dit, out_dir or run / "export", name or cfg.export.name, use_ema, info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m davae_training.imagenet.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="the output_dir of an ImageNet stage-2 run")
+    ap.add_argument("--checkpoint", default="latest", help="'latest', 'final' or a checkpoint folder")
+    ap.add_argument("--no-ema", action="store_true", help="the heads (and the file's ema entry) from the raw weights")
+    ap.add_argument("--out", default=None, help="output folder (default RUN/export)")
+    ap.add_argument("--name", default=None, help="file name stem (default the run's export.name)")
+    args = ap.parse_args(argv)
+    for kind, path in export_run(args.run, args.checkpoint, not args.no_ema, args.out, args.name).items():
+        print(f"wrote {kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,12 @@ No public checkpoint can be downloaded here, so the importers and loaders are te
                                  with ``shortcut_proj``, ``da.da_up``, ``loss.*``)
 ``authors_latents_stats.pt``     their statistics over all C+D channels
 ``authors_dit.pt``               their merged DiT: LightningDiT with C+D input channels
+``vavae_config.json``            the tiny VA-VAE's diffusers config (``model.vae_config``)
+``davae_vavae.safetensors``      our DA-VAE file on the tiny VA-VAE (``tokenizer.path``)
+``train/<wnid>/<n>.png``         a two-class folder in ImageNet's train layout (``data.root``)
 ===============================  ======================================================
+
+The last three make the trainers' CPU runs need nothing else (docs/TRAINING_IMAGENET.md).
 """
 
 from __future__ import annotations
@@ -146,6 +151,23 @@ def tiny_vavae_davae(seed: int = 0):
     return model.eval()
 
 
+TINY_CLASSES = ("n01440764", "n01443537")  # two ImageNet wnids: labels 0 and 1 once sorted
+
+
+def write_class_folder(root: str | Path, classes: tuple[str, ...] = TINY_CLASSES, per_class: int = 4, seed: int = 0) -> tuple[str, ...]:
+    """``root/<class>/<n>.png``: random images of a few sizes (none square, none the training resolution)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (Path(root) / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = 136 + 20 * c, 150 + 10 * i
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(Path(root) / name / f"{i}.png")
+    return classes
+
+
 def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +189,13 @@ def write_fixtures(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     torch.save(lightningdit_checkpoint(merged, merged), out / "authors_dit.pt")
     files["authors_davae.ckpt"] = {"base_channels": TINY_BASE_CHANNELS, "detail_channels": TINY_DETAIL_CHANNELS}
     files["authors_dit.pt"] = {**TINY_DIT, "in_channels": channels}
+
+    (out / "vavae_config.json").write_text(json.dumps(dict(vae.config), default=list))
+    from davae_core.checkpoint import save_davae
+
+    save_davae(davae, out / "davae_vavae.safetensors")
+    files["davae_vavae.safetensors"] = {"base_channels": TINY_BASE_CHANNELS, "detail_channels": TINY_DETAIL_CHANNELS}
+    files["train"] = {"classes": list(write_class_folder(out / "train", seed=seed))}
 
     manifest = {"seed": seed, "files": files}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

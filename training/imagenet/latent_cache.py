@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from davae_core.atomic_files import atomic_write, write_json_atomic
 from davae_core.dtypes import dtype_from_name
 
+from ..checkpoints import file_sha256
 from ..data.images import ResumableSampler
 from .data import ClassImageFolder, class_names, collate_labelled, index_class_folder
 
@@ -78,7 +79,7 @@ def write_latent_cache(cfg, out_dir: str | Path, flips: bool = True, shard_size:
     side = codec.latent_side(cfg.data.resolution)
     manifest = {"version": VERSION, "count": count, "resolution": cfg.data.resolution, "flips": flips,
                 "channels": codec.layout.channels, "side": side, "num_classes": len(names), "dtype": dtype,
-                "tokenizer": cfg.tokenizer.path, "shards": shards}
+                "tokenizer": cfg.tokenizer.path, "tokenizer_sha256": file_sha256(Path(cfg.tokenizer.path)), "shards": shards}
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
@@ -134,10 +135,15 @@ def collate_latents(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def make_latent_loader(cache_dir: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                        start_micro_batch: int = 0, num_workers: int = 0, pin_memory: bool = False,
-                       expect_resolution: int | None = None, num_classes: int = 1000) -> DataLoader:
-    """Endless micro-batches of cached latents in the resumable, rank-split order."""
+                       expect_resolution: int | None = None, num_classes: int = 1000,
+                       tokenizer: str | None = None) -> DataLoader:
+    """Endless micro-batches of cached latents in the resumable, rank-split order; refuses a cache made at
+    another resolution, for more classes, or by another DA-VAE file than ``tokenizer`` (by content)."""
     dataset = LatentCache(cache_dir)
     m = dataset.manifest
+    if tokenizer and Path(tokenizer).is_file() and file_sha256(Path(tokenizer)) != m["tokenizer_sha256"]:
+        raise ValueError(f"{cache_dir} was encoded by another DA-VAE ({m['tokenizer']}) than tokenizer.path={tokenizer}; "
+                         "its latents are not this run's latent space: rebuild the cache or set tokenizer.path to that file")
     if expect_resolution is not None and m["resolution"] != expect_resolution:
         raise ValueError(f"{cache_dir} was made at data.resolution={m['resolution']}, this run trains at {expect_resolution}")
     if m["num_classes"] > num_classes:

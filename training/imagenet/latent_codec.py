@@ -49,9 +49,11 @@ class LatentCodec:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) in [0, 1] -> (B, C+D, R/f, R/f) float32, in chunks of ``encode_batch_size``."""
+        """(B, 3, R, R) in [0, 1] -> (B, C+D, R/f, R/f) float32, in chunks of ``encode_batch_size``; in the
+        DA-VAE's own dtype whatever autocast is around (the step's), so a step encodes as the latent cache did."""
         chunks = pixels.to(self.device, self.dtype).split(self.encode_batch_size)
-        return torch.cat([self.davae.encode(chunk).float() for chunk in chunks])
+        with torch.autocast(self.device.type, enabled=False):
+            return torch.cat([self.davae.encode(chunk).float() for chunk in chunks])
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ says), fully fine-tuned, with its EMA.  :class:`DiTStep` is the forward pass and
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -61,6 +62,15 @@ def check_latent_grid(dit: LightningDiT, codec: LatentCodec, resolution: int, wh
             f"{what}={resolution} gives a {codec.layout.channels}x{side}x{side} latent through the DA-VAE (factor "
             f"{codec.layout.factor}), but the DiT reads {dit.in_channels}x{dit.config.input_size}x{dit.config.input_size}; "
             f"use {what}={dit.config.input_size * codec.layout.factor}")
+
+
+def fit_objective(objective: LightningFlowConfig, codec: LatentCodec, dit: LightningDiT) -> LightningFlowConfig:
+    """``objective`` with the channel split and null class of the models actually loaded."""
+    fitted = replace(objective, base_channels=codec.layout.base_channels, num_classes=dit.config.num_classes)
+    if fitted != objective:
+        logger.info("objective: base_channels=%d, num_classes=%d (from the DA-VAE and the DiT)", fitted.base_channels,
+                    fitted.num_classes)
+    return fitted
 
 
 class DiTStep:

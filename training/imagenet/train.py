@@ -20,7 +20,6 @@ the kit of :mod:`davae_training.loop` (guard, checkpoints, ``--resume``, tracker
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from .data import make_class_loader, with_index_cache
 from .export import save_trained, write_exports
 from .latent_codec import LatentCodec
 from .sampler import sample_euler
-from .step import DiTModel, DiTStep, check_latent_grid
+from .step import DiTModel, DiTStep, check_latent_grid, fit_objective
 
 
 def train(cfg: LightningDiTTrainConfig, resume: str | None = None, change_learning_rate: bool = False) -> dict[str, Any]:
@@ -46,7 +45,7 @@ def train(cfg: LightningDiTTrainConfig, resume: str | None = None, change_learni
         model = DiTModel.build(cfg.model, codec.layout.detail_channels, cfg.ema_decay, cfg.train.gradient_checkpointing)
         dit = model.module
         check_latent_grid(dit, codec, cfg.data.resolution)
-        objective = fitted_objective(cfg, codec, dit)
+        objective = fit_objective(cfg.objective, codec, dit)
         loop.prepare(model)  # engine; AdamW, lr schedule and EMA on the prepared parameters; resume
 
         batches = iter(make_batches(cfg, loop, dit.config.num_classes))
@@ -65,15 +64,6 @@ def train(cfg: LightningDiTTrainConfig, resume: str | None = None, change_learni
         return loop.finish(lambda: export(cfg, loop, model))
 
 
-def fitted_objective(cfg: LightningDiTTrainConfig, codec: LatentCodec, dit) -> Any:
-    """The objective with the channel split and null class of the models actually loaded."""
-    fitted = replace(cfg.objective, base_channels=codec.layout.base_channels, num_classes=dit.config.num_classes)
-    if fitted != cfg.objective:
-        logger.info("objective: base_channels=%d, num_classes=%d (from the DA-VAE and the DiT)", fitted.base_channels,
-                    fitted.num_classes)
-    return fitted
-
-
 def make_batches(cfg: LightningDiTTrainConfig, loop: TrainingLoop, num_classes: int):
     """Endless micro-batches: from the latent cache when ``data.latent_cache`` is set, else images."""
     acc, train = loop.accelerator, cfg.train
@@ -84,7 +74,7 @@ def make_batches(cfg: LightningDiTTrainConfig, loop: TrainingLoop, num_classes: 
         from .latent_cache import make_latent_loader
 
         return make_latent_loader(cfg.data.latent_cache, train.batch_size, expect_resolution=cfg.data.resolution,
-                                  num_classes=num_classes, **common)
+                                  num_classes=num_classes, tokenizer=cfg.tokenizer.path, **common)
     return make_class_loader(cfg.data, train.batch_size, accelerator=acc, num_classes=num_classes, **common)
 
 
