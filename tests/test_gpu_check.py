@@ -156,3 +156,24 @@ def test_without_git_the_commit_comes_from_the_prepared_carry(monkeypatch, tmp_p
     (tmp_path / "prepared_at_commit").write_text("0123abcd dirty\n")
     info = cli.machine(torch.device("cpu"))
     assert info["commit"] == "0123abcd" and info["worktree_dirty"] is True and "gpu_check_prepare.sh" in info["commit_source"]
+
+
+def test_the_small_card_answers_comfyuis_free_memory_question_for_the_gpu_only():
+    from bench.gpu_check.memory import smaller_card
+
+    import torch
+
+    gib = 2**30
+    asked = []
+
+    def whole_gpu(dev=None, torch_free_too=False):
+        asked.append((dev, torch_free_too))
+        return (130 * gib, 2 * gib) if torch_free_too else 130 * gib
+
+    free = smaller_card(whole_gpu, 135 * gib)  # a 143 GiB card made an 8 GiB one
+    assert free() == 0 and free(torch.device("cuda")) == 0
+    free = smaller_card(whole_gpu, 125 * gib)
+    assert free(torch.device("cuda")) == 5 * gib
+    assert free(torch.device("cuda"), torch_free_too=True) == (5 * gib, 2 * gib)
+    assert free(torch.device("cpu")) == 130 * gib  # system memory is not the card's
+    assert asked[-1] == (torch.device("cpu"), False)

@@ -115,6 +115,10 @@ def section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cap(cap: dict[str, Any]) -> str:
+    return f"applied: ComfyUI saw {cap['comfy_free_gib_seen']} GiB free" if cap["applied"] else cap["why"]
+
+
 def _tiles(v: dict[str, Any]) -> str:
     return f"{v['tiles']} of {v['tile_cells']} cells (overlap {v['overlap_cells']})" if "tiles" in v else "-"
 
@@ -138,7 +142,7 @@ def _decode(d: dict[str, Any]) -> list[str]:
     for name, v in d["runs"].items():
         lines.append(f"| {name} | {v['latent']} | {_tiles(v)} | {_s(v.get('seconds'))} | {_mem(v['peak_memory'])} |")
     cap = d["cap"]
-    lines += ["", f"Under the {cap['cap_gib']} GiB cap ({'applied' if cap['applied'] else cap['why']}):", "",
+    lines += ["", f"Under the {cap['cap_gib']} GiB cap ({_cap(cap)}):", "",
               "| decode | tiles | peak memory |", "|---|---|---|"]
     lines += [f"| {name} | {_tiles(v)} | {_mem(v)} |" for name, v in d["capped"].items()]
     return lines
@@ -146,7 +150,7 @@ def _decode(d: dict[str, Any]) -> list[str]:
 
 def _lowvram(d: dict[str, Any]) -> list[str]:
     cap = d["cap"]
-    lines = [f"**Low VRAM** (cap {cap['cap_gib']} GiB, {'applied' if cap['applied'] else cap['why']}; one sequence)", "",
+    lines = [f"**Low VRAM** (cap {cap['cap_gib']} GiB, {_cap(cap)}; one sequence)", "",
              "| step | peak memory | weights on the device | pinned weights |", "|---|---|---|---|"]
     for name, v in d["steps"].items():
         loaded = v.get("loaded")
