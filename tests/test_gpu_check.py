@@ -177,3 +177,24 @@ def test_the_small_card_answers_comfyuis_free_memory_question_for_the_gpu_only()
     assert free(torch.device("cuda"), torch_free_too=True) == (5 * gib, 2 * gib)
     assert free(torch.device("cpu")) == 130 * gib  # system memory is not the card's
     assert asked[-1] == (torch.device("cpu"), False)
+
+
+def test_the_repositorys_readme_has_the_section_once_for_the_gpu_run_to_rebuild():
+    text = report.README.read_text()
+    assert text.count(report.MARK_BEGIN) == 1 and text.count(report.MARK_END) == 1
+    assert text.index(report.HEADING) < text.index(report.MARK_BEGIN) < text.index(report.MARK_END)
+
+
+def test_a_full_run_without_a_gpu_stops_saying_so(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        cli.main(["--legs", "training", "--no-readme"])
+
+
+def test_peak_memory_is_shown_with_what_was_held_before():
+    assert report._mem({"measured": True, "peak_gib": 9.5, "rise_gib": 4.5, "baseline_gib": 5.0}) == \
+        "9.5 GiB (+4.5 over the 5.0 held before)"
+    assert report._mem({"out_of_memory": True, "error": "x"}) == "**out of memory**"
+    assert report._mem({"measured": False, "why": "CPU run"}) == "not measured (CPU)"

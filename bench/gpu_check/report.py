@@ -86,7 +86,9 @@ def _mem(m: dict[str, Any] | None) -> str:
         return "-"
     if m.get("out_of_memory"):
         return "**out of memory**"
-    return f"{m['peak_gib']} GiB" if m.get("measured") else "not measured (CPU)"
+    if not m.get("measured"):
+        return "not measured (CPU)"
+    return f"{m['peak_gib']} GiB (+{m['rise_gib']} over the {m['baseline_gib']} held before)"
 
 
 def _s(x: float | None) -> str:
