@@ -198,3 +198,20 @@ def test_peak_memory_is_shown_with_what_was_held_before():
         "9.5 GiB (+4.5 over the 5.0 held before)"
     assert report._mem({"out_of_memory": True, "error": "x"}) == "**out of memory**"
     assert report._mem({"measured": False, "why": "CPU run"}) == "not measured (CPU)"
+
+
+def test_log_watch_keeps_the_lines_it_is_asked_about_at_any_level():
+    import logging
+
+    from bench.gpu_check.comfy_host import LogWatch
+    from bench.gpu_check.leg_decode import TILED_FALLBACK
+
+    level = logging.root.level
+    with LogWatch(TILED_FALLBACK, "unet missing") as watch:
+        logging.warning("Warning: Ran out of memory when regular VAE decoding, retrying with tiled VAE decoding.")
+        logging.debug("unet missing: ['x']")
+        logging.warning("something else")
+    logging.warning("unet missing: after the block")
+    assert watch.lines == ["Warning: Ran out of memory when regular VAE decoding, retrying with tiled VAE decoding.",
+                           "unet missing: ['x']"]
+    assert logging.root.level == level

@@ -18,6 +18,7 @@ from . import comfy_host, memory
 from .settings import Sizes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TILED_FALLBACK = "retrying with tiled VAE decoding"  # ComfyUI's VAE.decode after an out-of-memory
 
 
 def vae_config(sizes: Sizes) -> dict[str, Any]:
@@ -134,9 +135,10 @@ def capped(sizes: Sizes, device: torch.device, seed: int) -> tuple[dict[str, Any
         for name, (vae, side, tiles) in cases.items():
             z = latent(vae, side, seed)
             decode = (lambda: vae.decode_tiled(z, **tiles)) if tiles else (lambda: vae.decode(z))
-            with torch.inference_mode():
+            with torch.inference_mode(), comfy_host.LogWatch(TILED_FALLBACK) as fallback:
                 image, mem = memory.run_guarded(decode, device)
-            out[name] = {**mem, "latent": list(z.shape), **(planned_tiles(vae, z, tiles) if tiles else {})}
+            out[name] = {**mem, "latent": list(z.shape), **(planned_tiles(vae, z, tiles) if tiles else {}),
+                         "comfy_fell_back_to_tiles": bool(fallback.lines)}
             if image is not None:
                 out[name]["image"] = list(image.shape)
         del stock, da

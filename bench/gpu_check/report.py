@@ -145,8 +145,9 @@ def _decode(d: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {v['latent']} | {_tiles(v)} | {_s(v.get('seconds'))} | {_mem(v['peak_memory'])} |")
     cap = d["cap"]
     lines += ["", f"Under the {cap['cap_gib']} GiB cap ({_cap(cap)}):", "",
-              "| decode | tiles | peak memory |", "|---|---|---|"]
-    lines += [f"| {name} | {_tiles(v)} | {_mem(v)} |" for name, v in d["capped"].items()]
+              "| decode | tiles | ComfyUI fell back to tiles | peak memory |", "|---|---|---|---|"]
+    lines += [f"| {name} | {_tiles(v)} | {'yes' if v.get('comfy_fell_back_to_tiles') else 'no'} | {_mem(v)} |"
+              for name, v in d["capped"].items()]
     return lines
 
 
