@@ -105,7 +105,7 @@ def test_a_leg_that_failed_or_did_not_run_leaves_its_targets_unevaluated():
 
 
 def test_a_failing_leg_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
-    def broken(sizes, device):
+    def broken(sizes, device, seed):
         raise RuntimeError("leg exploded\nsecond line")
 
     monkeypatch.setattr("bench.gpu_check.leg_training.run", broken)
@@ -128,7 +128,7 @@ def test_merge_keeps_the_legs_this_run_did_not_rerun(monkeypatch, tmp_path):
                "legs": {"sampling": {"error": "RuntimeError: earlier", "leg_seconds": 1.0},
                         "training": {"error": "RuntimeError: replaced", "leg_seconds": 1.0}}}
     (tmp_path / "gpu_check.json").write_text(json.dumps(earlier))
-    monkeypatch.setattr("bench.gpu_check.leg_training.run", lambda sizes, device: {"error": "RuntimeError: this run"})
+    monkeypatch.setattr("bench.gpu_check.leg_training.run", lambda sizes, device, seed: {"error": "RuntimeError: this run"})
     result = cli.main(["--toy", "--legs", "training", "--merge", "--out", str(tmp_path), "--no-readme"])
     assert list(result["legs"]) == ["sampling", "training"]
     assert result["legs"]["sampling"]["from_run"] == "2026-01-01 00:00 UTC"

@@ -74,7 +74,7 @@ def run(sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
         out_variants[name] = {
             "model": kind, "image_side": side, "latent": shapes[name], "finite": finite[name], "weight_dtype": dtype,
             "median_s": round(med[name], 4), "runs_s": [round(t, 4) for t in times[clock][name]],
-            "peak_memory": memory.merge_peaks(timed or peaks[name]), **{"comfy": comfy_host.describe(loaded[(kind, dtype)])},
+            "peak_memory": memory.merge_peaks(timed or peaks[name]), "comfy": comfy_host.describe(loaded[(kind, dtype)]),
         }
     round_ratios = [a / b for a, b in zip(times[clock]["da_1024"], times[clock]["stock_512"])]
     result = {
