@@ -77,7 +77,9 @@ def planned_tiles(vae, z: torch.Tensor, tile: dict[str, int]) -> dict[str, int]:
 
 
 def timed(fn, device: torch.device) -> dict[str, Any]:
-    """One warm-up call, then one timed call with its peak memory (or its out-of-memory)."""
+    """One warm-up call, then one timed call with its peak memory (or its out-of-memory).  Other models
+    are unloaded first, so the peak holds this VAE's weights and its decode only."""
+    comfy_host.unload_all(device)
     _, warm = memory.run_guarded(fn, device)
     if warm["out_of_memory"]:
         return {"peak_memory": warm, "out_of_memory": True}
@@ -133,6 +135,7 @@ def capped(sizes: Sizes, device: torch.device, seed: int) -> tuple[dict[str, Any
         cases = {"stock_1024": (stock, sizes.image, {}), "da_1024": (da, sizes.image, {}), "da_2048": (da, sizes.large_image, {}),
                  "da_2048_tiled": (da, sizes.large_image, tile)}
         for name, (vae, side, tiles) in cases.items():
+            comfy_host.unload_all(device)  # a small card holds one VAE at a time
             z = latent(vae, side, seed)
             decode = (lambda: vae.decode_tiled(z, **tiles)) if tiles else (lambda: vae.decode(z))
             with torch.inference_mode(), comfy_host.LogWatch(TILED_FALLBACK) as fallback:
