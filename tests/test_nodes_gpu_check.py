@@ -76,6 +76,7 @@ def test_toy_comfy_legs_run_and_write_their_figures(toy_run):
         assert decode["runs"][f"da_1024_{dtype}"]["image"] == decode["runs"][f"stock_1024_{dtype}"]["image"]
         assert decode["runs"][f"da_2048_tiled_{dtype}"]["image"] == decode["runs"][f"da_2048_untiled_{dtype}"]["image"]
         assert decode["runs"][f"da_2048_tiled_{dtype}"]["tiles"] > 1  # the tiled decode does decode in tiles
+    assert set(decode["ratios"]) == {"da_over_stock_1024_bf16", "da_over_stock_1024_fp32"}
     assert decode["cap"]["applied"] is False and set(decode["capped"]) == {"stock_1024", "da_1024", "da_2048", "da_2048_tiled"}
     assert not any(c["out_of_memory"] or c["comfy_fell_back_to_tiles"] for c in decode["capped"].values())
 
@@ -89,7 +90,7 @@ def test_toy_comfy_legs_fill_the_readme_section(toy_run):
     text = (folder / "README.md").read_text()
     for heading in ("**End to end in ComfyUI**", "**Decode**", "**Low VRAM**"):
         assert heading in text
-    assert "| da_2048_tiled_bf16 |" in text and "stock-1024 / DA-1024 = **" in text
+    assert "| da_2048_tiled_bf16 |" in text and "stock-1024 / DA-1024 = **" in text and "DA / stock decode time at 1024: bf16 **" in text
 
 
 def test_the_full_size_mmdit_the_gpu_run_builds_is_detected_as_sd35_medium(comfy):

@@ -111,8 +111,11 @@ def run(sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
                                              **timed(lambda: da.decode_tiled(z, **tile), device)}
         del vaes, da
         comfy_host.unload_all(device)
+    ratios = {f"da_over_stock_1024_{d}": round(runs[f"da_1024_{d}"]["seconds"] / runs[f"stock_1024_{d}"]["seconds"], 4)
+              for d in DTYPES if "seconds" in runs[f"da_1024_{d}"] and "seconds" in runs[f"stock_1024_{d}"]}
     out = {"setup": {"stock": "ComfyUI's comfy.sd.VAE (SD3 VAE architecture)", "da": "nodes.vae_adapter.DAComfyVAE",
-                     "tile_cells": tile, "weights": "random"}, "runs": runs}
+                     "tile_cells": tile, "weights": "random", "timing": "one warm-up call, then one timed call each"},
+           "runs": runs, "ratios": ratios}
     out["capped"], out["cap"] = capped(sizes, device, seed)
     return out
 

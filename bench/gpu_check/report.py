@@ -143,6 +143,8 @@ def _decode(d: dict[str, Any]) -> list[str]:
              "| decode | latent | tiles | time | peak memory |", "|---|---|---|---|---|"]
     for name, v in d["runs"].items():
         lines.append(f"| {name} | {v['latent']} | {_tiles(v)} | {_s(v.get('seconds'))} | {_mem(v['peak_memory'])} |")
+    if d.get("ratios"):
+        lines.append("\nDA / stock decode time at 1024: " + ", ".join(f"{k.rsplit('_', 1)[1]} **{v}**" for k, v in d["ratios"].items()))
     cap = d["cap"]
     lines += ["", f"Under the {cap['cap_gib']} GiB cap ({_cap(cap)}):", "",
               "| decode | tiles | ComfyUI fell back to tiles | peak memory |", "|---|---|---|---|"]
