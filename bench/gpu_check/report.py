@@ -58,7 +58,8 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
               lambda d, b=batch: d["stage2"].get(b, {}).get("samples_per_s"), ">=", STAGE2_SAMPLES_PER_S)
     runs = [(f"stage 2 micro-batch {b}", lambda d, b=b: d["stage2"].get(b)) for b in batches] + [("stage 1", lambda d: d["stage1"])]
     for name, pick in runs:
-        judge("training", f"{name}: |measured / planned memory - 1|", lambda d, p=pick: plan_memory_error(p(d)), "<=", PLAN_MEMORY_TOLERANCE)
+        judge("training", f"{name}: relative error of the planned memory", lambda d, p=pick: plan_memory_error(p(d)), "<=",
+              PLAN_MEMORY_TOLERANCE)
     return targets
 
 
@@ -122,7 +123,7 @@ def _cap(cap: dict[str, Any]) -> str:
 
 
 def _tiles(v: dict[str, Any]) -> str:
-    return f"{v['tiles']} of {v['tile_cells']} cells (overlap {v['overlap_cells']})" if "tiles" in v else "-"
+    return f"{v['tiles']} tiles of {v['tile_cells']} cells (overlap {v['overlap_cells']})" if "tiles" in v else "-"
 
 
 def _sampling(d: dict[str, Any]) -> list[str]:
