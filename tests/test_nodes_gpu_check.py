@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfyui_harness as harness  # noqa: E402
+from test_gpu_check import assert_tables_are_whole  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 if not os.environ.get("COMFYUI_PATH") and os.environ.get("DAVAE_REQUIRE_COMFYUI") != "1":
@@ -90,6 +91,7 @@ def test_toy_comfy_legs_fill_the_readme_section(toy_run):
     text = (folder / "README.md").read_text()
     for heading in ("**End to end in ComfyUI**", "**Decode**", "**Low VRAM**"):
         assert heading in text
+    assert_tables_are_whole(text)
     assert "| da_2048_tiled_bf16 |" in text and "stock-1024 / DA-1024 = **" in text and "DA / stock decode time at 1024: bf16 **" in text
 
 
