@@ -84,6 +84,8 @@ def test_toy_comfy_legs_run_and_write_their_figures(toy_run):
     lowvram = on_disk["legs"]["lowvram"]
     assert list(lowvram["steps"]) == ["stock_sampling_1024", "da_sampling_1024", "da_decode_1024", "unload_all"]
     assert not any(s["out_of_memory"] for s in lowvram["steps"].values())
+    # ComfyUI's loader reports the MMDiT's load for the first sampling (whole, on a CPU)
+    assert any(line.startswith("loaded completely") for line in lowvram["steps"]["stock_sampling_1024"]["comfy_loader"])
 
 
 def test_toy_comfy_legs_fill_the_readme_section(toy_run):

@@ -157,10 +157,11 @@ def _decode(d: dict[str, Any]) -> list[str]:
 def _lowvram(d: dict[str, Any]) -> list[str]:
     cap = d["cap"]
     lines = [f"**Low VRAM** (cap {cap['cap_gib']} GiB, {_cap(cap)}; one sequence)", "",
-             "| step | peak memory | weights on the device | pinned weights |", "|---|---|---|---|"]
+             "| step | peak memory | weights on the device | pinned weights | ComfyUI's loader said |", "|---|---|---|---|---|"]
     for name, v in d["steps"].items():
         loaded = v.get("loaded")
-        lines.append(f"| {name} | {_mem(v)} | {loaded if loaded is not None else '-'} | {v.get('pinned', '-')} |")
+        said = "; ".join(line.split(";")[0].split(":")[0] for line in v.get("comfy_loader", [])) or "-"
+        lines.append(f"| {name} | {_mem(v)} | {loaded if loaded is not None else '-'} | {v.get('pinned', '-')} | {said} |")
     return lines
 
 
