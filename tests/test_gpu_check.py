@@ -59,6 +59,19 @@ def test_readme_section_is_rebuilt_between_the_markers_only(toy_run):
     assert "**toy sizes**" in inside and "stage 2, micro-batch" in inside and "not measured (CPU)" in inside
     report.write_readme(report.section(result), readme)  # idempotent: rebuilding gives the same file
     assert readme.read_text() == text
+    assert_tables_are_whole(inside)
+
+
+def assert_tables_are_whole(markdown: str) -> None:
+    """Every row of every table has its header's number of cells (a '|' inside a cell would split it)."""
+    columns = None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            columns = None
+            continue
+        cells = line.count("|")
+        columns = columns or cells
+        assert cells == columns, line
 
 
 def _measured_result(**over) -> dict:
@@ -88,10 +101,10 @@ def test_targets_are_judged_against_the_issues_thresholds():
     assert by_name["out-of-memory errors in the low-VRAM sequence <= 0"]["met"] is True
     assert by_name["stage-2 samples/s at 1024, micro-batch 8 >= 12.0"]["met"] is True
     assert by_name["stage-2 samples/s at 1024, micro-batch 16 >= 12.0"]["met"] is False
-    within = by_name["stage 2 micro-batch 8: |measured / planned memory - 1| <= 0.15"]
+    within = by_name["stage 2 micro-batch 8: relative error of the planned memory <= 0.15"]
     assert within["met"] is True and within["measured"] == pytest.approx(4 / 36, abs=1e-4)
-    assert by_name["stage 2 micro-batch 16: |measured / planned memory - 1| <= 0.15"]["met"] is False
-    stage1 = by_name["stage 1: |measured / planned memory - 1| <= 0.15"]
+    assert by_name["stage 2 micro-batch 16: relative error of the planned memory <= 0.15"]["met"] is False
+    stage1 = by_name["stage 1: relative error of the planned memory <= 0.15"]
     assert stage1["met"] is None and stage1["why"] == "not measured in this run"
 
 
@@ -105,7 +118,7 @@ def test_a_leg_that_failed_or_did_not_run_leaves_its_targets_unevaluated():
 
 
 def test_a_failing_leg_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
-    def broken(sizes, device):
+    def broken(sizes, device, seed):
         raise RuntimeError("leg exploded\nsecond line")
 
     monkeypatch.setattr("bench.gpu_check.leg_training.run", broken)
@@ -128,7 +141,7 @@ def test_merge_keeps_the_legs_this_run_did_not_rerun(monkeypatch, tmp_path):
                "legs": {"sampling": {"error": "RuntimeError: earlier", "leg_seconds": 1.0},
                         "training": {"error": "RuntimeError: replaced", "leg_seconds": 1.0}}}
     (tmp_path / "gpu_check.json").write_text(json.dumps(earlier))
-    monkeypatch.setattr("bench.gpu_check.leg_training.run", lambda sizes, device: {"error": "RuntimeError: this run"})
+    monkeypatch.setattr("bench.gpu_check.leg_training.run", lambda sizes, device, seed: {"error": "RuntimeError: this run"})
     result = cli.main(["--toy", "--legs", "training", "--merge", "--out", str(tmp_path), "--no-readme"])
     assert list(result["legs"]) == ["sampling", "training"]
     assert result["legs"]["sampling"]["from_run"] == "2026-01-01 00:00 UTC"
@@ -156,3 +169,62 @@ def test_without_git_the_commit_comes_from_the_prepared_carry(monkeypatch, tmp_p
     (tmp_path / "prepared_at_commit").write_text("0123abcd dirty\n")
     info = cli.machine(torch.device("cpu"))
     assert info["commit"] == "0123abcd" and info["worktree_dirty"] is True and "gpu_check_prepare.sh" in info["commit_source"]
+
+
+def test_the_small_card_answers_comfyuis_free_memory_question_for_the_gpu_only():
+    from bench.gpu_check.memory import smaller_card
+
+    import torch
+
+    gib = 2**30
+    asked = []
+
+    def whole_gpu(dev=None, torch_free_too=False):
+        asked.append((dev, torch_free_too))
+        return (130 * gib, 2 * gib) if torch_free_too else 130 * gib
+
+    free = smaller_card(whole_gpu, 135 * gib)  # a 143 GiB card made an 8 GiB one
+    assert free() == 0 and free(torch.device("cuda")) == 0
+    free = smaller_card(whole_gpu, 125 * gib)
+    assert free(torch.device("cuda")) == 5 * gib
+    assert free(torch.device("cuda"), torch_free_too=True) == (5 * gib, 2 * gib)
+    assert free(torch.device("cpu")) == 130 * gib  # system memory is not the card's
+    assert asked[-1] == (torch.device("cpu"), False)
+
+
+def test_the_repositorys_readme_has_the_section_once_for_the_gpu_run_to_rebuild():
+    text = report.README.read_text()
+    assert text.count(report.MARK_BEGIN) == 1 and text.count(report.MARK_END) == 1
+    assert text.index(report.HEADING) < text.index(report.MARK_BEGIN) < text.index(report.MARK_END)
+
+
+def test_a_full_run_without_a_gpu_stops_saying_so(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        cli.main(["--legs", "training", "--no-readme"])
+
+
+def test_peak_memory_is_shown_with_what_was_held_before():
+    assert report._mem({"measured": True, "peak_gib": 9.5, "rise_gib": 4.5, "baseline_gib": 5.0}) == \
+        "9.5 GiB (+4.5 over the 5.0 held before)"
+    assert report._mem({"out_of_memory": True, "error": "x"}) == "**out of memory**"
+    assert report._mem({"measured": False, "why": "CPU run"}) == "not measured (CPU)"
+
+
+def test_log_watch_keeps_the_lines_it_is_asked_about_at_any_level():
+    import logging
+
+    from bench.gpu_check.comfy_host import LogWatch
+    from bench.gpu_check.leg_decode import TILED_FALLBACK
+
+    level = logging.root.level
+    with LogWatch(TILED_FALLBACK, "unet missing") as watch:
+        logging.warning("Warning: Ran out of memory when regular VAE decoding, retrying with tiled VAE decoding.")
+        logging.debug("unet missing: ['x']")
+        logging.warning("something else")
+    logging.warning("unet missing: after the block")
+    assert watch.lines == ["Warning: Ran out of memory when regular VAE decoding, retrying with tiled VAE decoding.",
+                           "unet missing: ['x']"]
+    assert logging.root.level == level

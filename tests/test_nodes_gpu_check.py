@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfyui_harness as harness  # noqa: E402
+from test_gpu_check import assert_tables_are_whole  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 if not os.environ.get("COMFYUI_PATH") and os.environ.get("DAVAE_REQUIRE_COMFYUI") != "1":
@@ -35,12 +36,21 @@ def toy_run(comfy, tmp_path_factory):
     from bench.gpu_check import cli
 
     folder = tmp_path_factory.mktemp("gpu_check")
-    result = cli.main(["--toy", "--legs", *COMFY_LEGS, "--out", str(folder), "--readme", str(folder / "README.md")])
-    return result, folder
+    with load_messages() as messages:
+        result = cli.main(["--toy", "--legs", *COMFY_LEGS, "--out", str(folder), "--readme", str(folder / "README.md")])
+    return result, folder, messages.lines
+
+
+def load_messages():
+    """What ComfyUI's loaders say about a weight they did not fill or did not take (logged, not raised)."""
+    from bench.gpu_check.comfy_host import LogWatch
+
+    return LogWatch("unet missing", "unet unexpected", "Missing VAE keys", "Leftover VAE keys", "left over keys")
 
 
 def test_toy_comfy_legs_run_and_write_their_figures(toy_run):
-    result, folder = toy_run
+    result, folder, loader_lines = toy_run
+    assert loader_lines == []  # every MMDiT and VAE tensor ComfyUI built was filled from the state dicts given
     on_disk = json.loads((folder / "gpu_check.json").read_text())
     assert list(on_disk["legs"]) == COMFY_LEGS
     for leg in COMFY_LEGS:
@@ -67,20 +77,24 @@ def test_toy_comfy_legs_run_and_write_their_figures(toy_run):
         assert decode["runs"][f"da_1024_{dtype}"]["image"] == decode["runs"][f"stock_1024_{dtype}"]["image"]
         assert decode["runs"][f"da_2048_tiled_{dtype}"]["image"] == decode["runs"][f"da_2048_untiled_{dtype}"]["image"]
         assert decode["runs"][f"da_2048_tiled_{dtype}"]["tiles"] > 1  # the tiled decode does decode in tiles
+    assert set(decode["ratios"]) == {"da_over_stock_1024_bf16", "da_over_stock_1024_fp32"}
     assert decode["cap"]["applied"] is False and set(decode["capped"]) == {"stock_1024", "da_1024", "da_2048", "da_2048_tiled"}
-    assert not any(c["out_of_memory"] for c in decode["capped"].values())
+    assert not any(c["out_of_memory"] or c["comfy_fell_back_to_tiles"] for c in decode["capped"].values())
 
     lowvram = on_disk["legs"]["lowvram"]
     assert list(lowvram["steps"]) == ["stock_sampling_1024", "da_sampling_1024", "da_decode_1024", "unload_all"]
     assert not any(s["out_of_memory"] for s in lowvram["steps"].values())
+    # ComfyUI's loader reports the MMDiT's load for the first sampling (whole, on a CPU)
+    assert any(line.startswith("loaded completely") for line in lowvram["steps"]["stock_sampling_1024"]["comfy_loader"])
 
 
 def test_toy_comfy_legs_fill_the_readme_section(toy_run):
-    _, folder = toy_run
+    _, folder, _ = toy_run
     text = (folder / "README.md").read_text()
     for heading in ("**End to end in ComfyUI**", "**Decode**", "**Low VRAM**"):
         assert heading in text
-    assert "| da_2048_tiled_bf16 |" in text and "stock-1024 / DA-1024 = **" in text
+    assert_tables_are_whole(text)
+    assert "| da_2048_tiled_bf16 |" in text and "stock-1024 / DA-1024 = **" in text and "DA / stock decode time at 1024: bf16 **" in text
 
 
 def test_the_full_size_mmdit_the_gpu_run_builds_is_detected_as_sd35_medium(comfy):
@@ -105,6 +119,8 @@ def test_the_full_size_stock_vae_is_comfyuis_sd3_vae_detected_from_its_keys(comf
     from bench.gpu_check import leg_decode
     from bench.gpu_check.settings import FULL
 
-    vae = leg_decode.stock_vae(FULL, torch.device("cpu"), torch.bfloat16, seed=0)
+    with load_messages() as messages:
+        vae = leg_decode.stock_vae(FULL, torch.device("cpu"), torch.bfloat16, seed=0)
+    assert messages.lines == []  # ComfyUI's inferred SD3 VAE took every tensor, and all it has were given
     assert vae.latent_channels == 16 and vae.downscale_ratio == 8
     assert sum(p.numel() for p in vae.first_stage_model.parameters()) == pytest.approx(83.7e6, rel=0.02)

@@ -71,12 +71,12 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_leg(name: str, run_sizes, device: torch.device) -> dict[str, Any]:
+def run_leg(name: str, run_sizes, device: torch.device, seed: int) -> dict[str, Any]:
     """One leg; a failure is recorded (the other legs still run) and printed in full."""
     start = time.perf_counter()
     print(f"=== gpu_check leg {name}", flush=True)
     try:
-        data = importlib.import_module(f"{__package__}.{LEGS[name]}").run(run_sizes, device)
+        data = importlib.import_module(f"{__package__}.{LEGS[name]}").run(run_sizes, device, seed)
     except Exception as error:  # noqa: BLE001 - an unattended GPU run should keep the other legs' figures
         traceback.print_exc()
         data = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"}
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "legs": {leg: data for leg, data in kept.items() if leg not in legs},
     }
     for leg in legs:
-        result["legs"][leg] = run_leg(leg, run_sizes, device)
+        result["legs"][leg] = run_leg(leg, run_sizes, device, args.seed)
         result["total_seconds"] = round(time.perf_counter() - start_time, 2)
         write(result, path)
     result["legs"] = {leg: result["legs"][leg] for leg in LEGS if leg in result["legs"]}  # run order, merged or not

@@ -9,6 +9,7 @@ SD3 ComfyUI detects from a tiny file (depth 2), on ComfyUI's ``--cpu`` path.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -142,3 +143,28 @@ def unload_all(device: torch.device) -> None:
     mm.unload_all_models()
     mm.soft_empty_cache()
     memory.release(device)
+
+
+class LogWatch(logging.Handler):
+    """The log lines (any level) holding one of ``words`` while the block runs: ComfyUI reports
+    weights it did not fill and out-of-memory fallbacks in its log, never as errors."""
+
+    def __init__(self, *words: str):
+        super().__init__()
+        self.words = words
+        self.lines: list[str] = []
+
+    def __enter__(self) -> "LogWatch":
+        self.root_level = logging.root.level  # not self.level: that is this handler's own threshold
+        logging.root.setLevel(logging.DEBUG)  # setLevel, not .level: loggers cache what they let through
+        logging.root.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.root.removeHandler(self)
+        logging.root.setLevel(self.root_level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(word in message for word in self.words):
+            self.lines.append(message[:300])

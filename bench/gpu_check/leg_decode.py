@@ -18,6 +18,7 @@ from . import comfy_host, memory
 from .settings import Sizes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TILED_FALLBACK = "retrying with tiled VAE decoding"  # ComfyUI's VAE.decode after an out-of-memory
 
 
 def vae_config(sizes: Sizes) -> dict[str, Any]:
@@ -76,7 +77,9 @@ def planned_tiles(vae, z: torch.Tensor, tile: dict[str, int]) -> dict[str, int]:
 
 
 def timed(fn, device: torch.device) -> dict[str, Any]:
-    """One warm-up call, then one timed call with its peak memory (or its out-of-memory)."""
+    """One warm-up call, then one timed call with its peak memory (or its out-of-memory).  Other models
+    are unloaded first, so the peak holds this VAE's weights and its decode only."""
+    comfy_host.unload_all(device)
     _, warm = memory.run_guarded(fn, device)
     if warm["out_of_memory"]:
         return {"peak_memory": warm, "out_of_memory": True}
@@ -108,8 +111,11 @@ def run(sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
                                              **timed(lambda: da.decode_tiled(z, **tile), device)}
         del vaes, da
         comfy_host.unload_all(device)
+    ratios = {f"da_over_stock_1024_{d}": round(runs[f"da_1024_{d}"]["seconds"] / runs[f"stock_1024_{d}"]["seconds"], 4)
+              for d in DTYPES if "seconds" in runs[f"da_1024_{d}"] and "seconds" in runs[f"stock_1024_{d}"]}
     out = {"setup": {"stock": "ComfyUI's comfy.sd.VAE (SD3 VAE architecture)", "da": "nodes.vae_adapter.DAComfyVAE",
-                     "tile_cells": tile, "weights": "random"}, "runs": runs}
+                     "tile_cells": tile, "weights": "random", "timing": "one warm-up call, then one timed call each"},
+           "runs": runs, "ratios": ratios}
     out["capped"], out["cap"] = capped(sizes, device, seed)
     return out
 
@@ -132,11 +138,13 @@ def capped(sizes: Sizes, device: torch.device, seed: int) -> tuple[dict[str, Any
         cases = {"stock_1024": (stock, sizes.image, {}), "da_1024": (da, sizes.image, {}), "da_2048": (da, sizes.large_image, {}),
                  "da_2048_tiled": (da, sizes.large_image, tile)}
         for name, (vae, side, tiles) in cases.items():
+            comfy_host.unload_all(device)  # a small card holds one VAE at a time
             z = latent(vae, side, seed)
             decode = (lambda: vae.decode_tiled(z, **tiles)) if tiles else (lambda: vae.decode(z))
-            with torch.inference_mode():
+            with torch.inference_mode(), comfy_host.LogWatch(TILED_FALLBACK) as fallback:
                 image, mem = memory.run_guarded(decode, device)
-            out[name] = {**mem, "latent": list(z.shape), **(planned_tiles(vae, z, tiles) if tiles else {})}
+            out[name] = {**mem, "latent": list(z.shape), **(planned_tiles(vae, z, tiles) if tiles else {}),
+                         "comfy_fell_back_to_tiles": bool(fallback.lines)}
             if image is not None:
                 out[name]["image"] = list(image.shape)
         del stock, da

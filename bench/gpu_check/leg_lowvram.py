@@ -18,6 +18,10 @@ from . import comfy_host, leg_decode, leg_sampling, memory
 from .settings import Sizes
 
 
+# what ComfyUI's model patcher says as it loads a model whole or in part and unloads part of one
+LOADER_LINES = ("loaded completely", "loaded partially", "Unloaded partially")
+
+
 def _state(model) -> dict[str, Any]:
     """How much of ``model`` ComfyUI holds on the device, and what it pinned (keys of this model; bytes overall)."""
     import comfy.model_management as mm
@@ -48,13 +52,14 @@ def run(sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
         }
         for name, fn in sequence.items():
             print(f"gpu_check lowvram: {name}", flush=True)
-            _, mem = memory.run_guarded(fn, device)
-            steps[name] = {**mem, **_state(stock)}
-        with memory.peak(device) as mem:
+            with comfy_host.LogWatch(*LOADER_LINES) as said:
+                _, mem = memory.run_guarded(fn, device)
+            steps[name] = {**mem, **_state(stock), "comfy_loader": said.lines}
+        with memory.peak(device) as mem, comfy_host.LogWatch(*LOADER_LINES) as said:
             mm.unload_all_models()
             mm.soft_empty_cache()
         after = {"allocated_gib": round(torch.cuda.memory_allocated(device) / 2**30, 3)} if device.type == "cuda" else {}
-        steps["unload_all"] = {"out_of_memory": False, **mem, **after, **_state(stock)}
+        steps["unload_all"] = {"out_of_memory": False, **mem, **after, **_state(stock), "comfy_loader": said.lines}
         del stock, da, vae
     return {"cap": cap, "steps": steps, "setup": {"model": "as the sampling leg (bf16)", "vae": "the pack's DA-VAE, bf16",
                                                   "steps": sizes.steps, "cfg": sizes.cfg}}

@@ -23,13 +23,13 @@ STAGE1_CONFIG = common.REPO_DIR / "training" / "configs" / "tokenizer_sd3_paper.
 PLAN_GPU = "H100 80GB"  # what bench.plan projects for; the check's own GPU is in the JSON's machine
 
 
-def stage2_overrides(batch: int, sizes: Sizes) -> list[str]:
-    return [f"train.batch_size={batch}", "train.gradient_checkpointing=true", "model.base_dtype=bfloat16",
+def stage2_overrides(batch: int, sizes: Sizes, seed: int = 0) -> list[str]:
+    return [f"train.seed={seed}", f"train.batch_size={batch}", "train.gradient_checkpointing=true", "model.base_dtype=bfloat16",
             "train.mixed_precision=bf16", "data.cache_dir=latent-cache", f"data.images.resolution={sizes.train_resolution}"]
 
 
-def stage1_overrides(sizes: Sizes) -> list[str]:
-    return [f"data.resolution={sizes.stage1_resolution}", "train.gradient_checkpointing=true", "train.mixed_precision=bf16"]
+def stage1_overrides(sizes: Sizes, seed: int = 0) -> list[str]:
+    return [f"train.seed={seed}", f"data.resolution={sizes.stage1_resolution}", "train.gradient_checkpointing=true", "train.mixed_precision=bf16"]
 
 
 def _measure(run, device: torch.device, batch: int) -> dict[str, Any]:
@@ -52,14 +52,14 @@ def _prediction(entry: dict[str, Any]) -> dict[str, Any]:
             "memory_gib": round(entry["memory_bytes"]["total_estimate"] / GIB, 3)}
 
 
-def stage2(batch: int, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+def stage2(batch: int, sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
     from davae_training.config import load_config
     from davae_training.preflight import run_stage2
     from davae_training.stage2.config import AdapterTrainConfig
 
     from ..plan import stage2_plan
 
-    overrides = stage2_overrides(batch, sizes)
+    overrides = stage2_overrides(batch, sizes, seed)
     cfg = load_config(AdapterTrainConfig, STAGE2_CONFIG, overrides)
     steps = 1 + sizes.train_timed_steps
     result = _measure(lambda: run_stage2(cfg, steps, sizes.toy, device, log=print), device, batch)
@@ -69,27 +69,27 @@ def stage2(batch: int, sizes: Sizes, device: torch.device) -> dict[str, Any]:
     return result
 
 
-def stage1(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+def stage1(sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
     from davae_training.config import load_config
     from davae_training.preflight import run_stage1
     from davae_training.stage1.config import TokenizerTrainConfig
 
     from ..plan import stage1_plan
 
-    overrides = stage1_overrides(sizes)
+    overrides = stage1_overrides(sizes, seed)
     cfg = load_config(TokenizerTrainConfig, STAGE1_CONFIG, overrides)
     result = _measure(lambda: run_stage1(cfg, 2, sizes.toy, device, log=print), device, cfg.train.batch_size)
     result.update(config=STAGE1_CONFIG.name, overrides=overrides, plan=_prediction(stage1_plan(STAGE1_CONFIG.stem, cfg, toy=sizes.toy)))
     return result
 
 
-def run(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+def run(sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {"stage2": {}}
     for batch in sizes.train_batches:
         print(f"gpu_check training: stage 2, micro-batch {batch}", flush=True)
-        out["stage2"][str(batch)] = stage2(batch, sizes, device)
+        out["stage2"][str(batch)] = stage2(batch, sizes, device, seed)
         memory.release(device)
     print("gpu_check training: stage 1", flush=True)
-    out["stage1"] = stage1(sizes, device)
+    out["stage1"] = stage1(sizes, device, seed)
     memory.release(device)
     return out

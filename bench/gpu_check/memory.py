@@ -69,12 +69,29 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def smaller_card(get_free_memory, hidden: int):
+    """ComfyUI's ``get_free_memory`` as a card ``hidden`` bytes smaller would answer it (CPU memory unchanged)."""
+
+    def free_memory(dev=None, torch_free_too=False):
+        answer = get_free_memory(dev, torch_free_too)
+        if getattr(dev, "type", None) in ("cpu", "mps"):
+            return answer
+        if torch_free_too:
+            total, torch_free = answer
+            return max(0, total - hidden), torch_free
+        return max(0, answer - hidden)
+
+    return free_memory
+
+
 @contextmanager
 def small_card(device: torch.device, cap_bytes: int) -> Iterator[dict[str, Any]]:
     """Make this process a ``cap_bytes`` card: torch refuses allocations above it
-    (``set_per_process_memory_fraction``) and ComfyUI, which reads the free memory of the whole
-    GPU, keeps the rest reserved (``EXTRA_RESERVED_VRAM``), so it plans offloading and tiling for
-    the small card.  Both are restored afterwards.  On a CPU there is no card to shrink."""
+    (``set_per_process_memory_fraction``), and ComfyUI, which asks ``get_free_memory`` about the whole
+    GPU, is told what the small card would leave free (:func:`smaller_card`).  That is ComfyUI's
+    reserve (``--reserve-vram``, ``EXTRA_RESERVED_VRAM``) made to reach every reader: the reserve
+    alone only enters ``load_models_gpu``'s plan, while ComfyUI's VAE batching and the pack's tile
+    sizing read the free memory directly.  Both restored afterwards.  On a CPU there is no card to shrink."""
     import comfy.model_management as mm
 
     info: dict[str, Any] = {"cap_gib": _gib(cap_bytes)}
@@ -84,17 +101,17 @@ def small_card(device: torch.device, cap_bytes: int) -> Iterator[dict[str, Any]]
         yield info
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    previous_reserve = mm.EXTRA_RESERVED_VRAM
+    real_free_memory = mm.get_free_memory
     mm.unload_all_models()
     release(device)
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
-    mm.EXTRA_RESERVED_VRAM = previous_reserve + max(0, total - cap_bytes)
-    info.update(applied=True, total_gib=_gib(total), comfy_reserved_gib=_gib(mm.EXTRA_RESERVED_VRAM),
-                comfy_free_gib_seen=_gib(mm.get_free_memory(device)))
+    mm.get_free_memory = smaller_card(real_free_memory, max(0, total - cap_bytes))
+    info.update(applied=True, total_gib=_gib(total), hidden_gib=_gib(max(0, total - cap_bytes)),
+                comfy_free_gib_seen=_gib(mm.get_free_memory(device)), comfy_reserve_gib=_gib(mm.extra_reserved_memory()))
     try:
         yield info
     finally:
         mm.unload_all_models()
         release(device)
-        mm.EXTRA_RESERVED_VRAM = previous_reserve
+        mm.get_free_memory = real_free_memory
         torch.cuda.set_per_process_memory_fraction(1.0, device)
