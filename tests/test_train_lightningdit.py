@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,18 @@ def _sets(inet, out, *extra):
             f"tokenizer.path={inet / 'davae_vavae.safetensors'}", f"data.root={inet / 'train'}", *extra]
 
 
+@contextmanager
+def one_thread():
+    """Every run a resume test compares trains on one thread, as the killed subprocess does
+    (OMP_NUM_THREADS=1): another thread count sums in another order, and bit-identity is lost."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _config(inet, out, *extra):
     from davae_training.config import load_config
     from davae_training.imagenet.config import LightningDiTTrainConfig
@@ -47,7 +60,8 @@ def full_run(inet, tmp_path_factory):
     from davae_training.imagenet.train import train
 
     out = tmp_path_factory.mktemp("full")
-    summary = train(_config(inet, out))
+    with one_thread():
+        summary = train(_config(inet, out))
     return out, summary
 
 
@@ -114,7 +128,8 @@ def test_kill_and_resume_equals_the_uninterrupted_run(full_run, inet, tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 17, r.stderr[-3000:]
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["checkpoint-00000002"]
-    summary = train(_config(inet, cut), resume="latest")
+    with one_thread():
+        summary = train(_config(inet, cut), resume="latest")
     assert summary["step"] == 4
     for name in ("dit.safetensors", "dit_ema.safetensors"):
         a, b = load_file(str(full / "final" / name)), load_file(str(cut / "final" / name))
