@@ -145,6 +145,7 @@ def test_ablation_table_reports_mean_and_spread_over_seeds():
 
     def report(variant, acc):
         return {"variant": variant, "attribute_accuracy": {"da": acc, "baseline": 0.7},
+                "texture_accuracy": {"da": 0.5, "reconstruction": 0.9}, "background_detail_energy_ratio": {"da": 3.0},
                 "detail_energy_ratio": {"da": 0.9, "baseline": 0.3},
                 "generation_swd_vs_real_128px": {"da": {"level0": 0.1, "mean": 0.2}},
                 "reconstruction_128px": {"davae": {"psnr": 25.0}}}

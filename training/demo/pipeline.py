@@ -428,7 +428,10 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
 ABLATION_COLUMNS = (  # (header, how to read it from a report)
     ("attribute acc. DA", lambda r: r["attribute_accuracy"]["da"]),
     ("attribute acc. baseline", lambda r: r["attribute_accuracy"]["baseline"]),
+    ("texture acc. DA", lambda r: r["texture_accuracy"]["da"]),
+    ("texture acc. DA-VAE rec.", lambda r: r["texture_accuracy"]["reconstruction"]),
     ("detail energy DA (1 = real)", lambda r: r["detail_energy_ratio"]["da"]),
+    ("background detail energy DA (1 = real)", lambda r: r["background_detail_energy_ratio"]["da"]),
     ("detail energy baseline", lambda r: r["detail_energy_ratio"]["baseline"]),
     ("SWD DA (finest level)", lambda r: r["generation_swd_vs_real_128px"]["da"]["level0"]),
     ("SWD DA (mean)", lambda r: r["generation_swd_vs_real_128px"]["da"]["mean"]),
