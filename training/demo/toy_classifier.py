@@ -27,8 +27,8 @@ INPUT_SIZE = 64
 TEXTURE_CLASSES = (*TEXTURES, "none")
 TEXTURE_INPUT_SIZE = 128  # the texture's 2-3 px period exists only at full resolution
 DETAIL_GAIN = 4.0  # the finest band of the textures is about +-0.25: scaled to unit range
-# the texture is read in the central window, inside the shape in every image (its radius is at
-# least a quarter of the image, its centre off the middle by under a tenth): a quarter of the cost
+# the texture is read in the central window, which overlaps the shape's inside in every image (its
+# radius is over a quarter of the image, its centre off the middle by under a tenth): a quarter of the cost
 TEXTURE_WINDOW = 64
 TEXTURE_JITTER = 8  # the window moves this many px in training, so the reader does not learn one place
 WINDOW_MARGIN = 8  # even, so the band's 2x down-up keeps its pixel grid
