@@ -68,10 +68,10 @@ def test_captions_parse_back_into_attributes_and_odd_captions_are_refused():
 
 
 def test_toy_classifier_reads_held_out_real_images_and_not_noise():
-    from davae_training.demo.toy_classifier import attribute_scores, train_classifier
+    from davae_training.demo.toy_classifier import attribute_scores, half_resolution, texture_accuracy, train_classifier
 
     torch.set_num_threads(2)
-    images, captions = make_batch(0, 192, 64)
+    images, captions = make_batch(0, 192, 128)
     judge = train_classifier(images, captions, steps=120, progress=False).model
     held_out, held_captions = make_batch(1_000_000, 48, 128)  # judged at the demo's 128 px
     real = attribute_scores(judge, held_out, held_captions)
@@ -80,6 +80,49 @@ def test_toy_classifier_reads_held_out_real_images_and_not_noise():
     assert noise["mean"] < 0.6 and noise["all"] < real["all"], noise
     shuffled = attribute_scores(judge, held_out.roll(1, 0), held_captions)  # right images, wrong captions
     assert shuffled["mean"] < real["mean"] - 0.2, shuffled
+
+    # the texture: read at 128 px, and only there
+    texture = texture_accuracy(judge, held_out, held_captions)
+    assert texture >= 0.9, texture
+    assert texture_accuracy(judge, held_out.roll(1, 0), held_captions) < texture - 0.3
+    # what a perfect 64 px path keeps of it (coarse aliases) does not count as the texture
+    assert texture_accuracy(judge, half_resolution(held_out), held_captions) < 0.2
+    assert attribute_scores(judge, half_resolution(held_out), held_captions)["mean"] >= 0.9  # the layout survives
+
+
+def test_toy_classifier_trains_only_on_full_resolution_images():
+    import pytest
+
+    from davae_training.demo.toy_classifier import train_classifier
+
+    images, captions = make_batch(0, 4, 64)
+    with pytest.raises(ValueError, match="128 px"):
+        train_classifier(images, captions, steps=1, progress=False)
+
+
+def test_background_frame_is_background_in_every_image_and_catches_a_leak():
+    from davae_training.demo.detail_energy import detail_energy, detail_energy_ratio
+    from davae_training.demo.procedural_images import BACKGROUNDS, background_frame, caption_attributes
+
+    frame = background_frame(128)
+    assert 0.15 < frame.float().mean() < 0.5 and not frame[32:96, 32:96].any()
+    images, captions = make_batch(0, 64, 128)
+    for image, caption in zip(images, captions):  # the gradient of the caption's background colour, nothing else
+        colour = torch.tensor(BACKGROUNDS[caption_attributes(caption)["background"]])
+        ramp = 0.75 + 0.25 * torch.arange(128.0) / 128
+        expected = colour[:, None, None] * ramp[None, :, None].expand(3, 128, 128)
+        assert torch.allclose(image[:, frame], expected[:, frame], atol=1e-5), caption
+    other, _ = make_batch(100, 64, 128)
+    assert detail_energy(images, frame) < 1e-3 * detail_energy(images)  # smooth backgrounds
+    # a texture leaking into the background: a faint checker outside the shapes
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    leak = ((yy // 2 + xx // 2) % 2).float() * 0.03
+    assert detail_energy_ratio((other + leak).clamp(0, 1), images, frame) > 100
+    assert detail_energy_ratio(other, images, frame) < 2  # other real images: the same smooth backgrounds
+    import pytest
+
+    with pytest.raises(ValueError, match="non-empty"):
+        detail_energy(images, torch.zeros(128, 128, dtype=torch.bool))
 
 
 def test_detail_energy_ratio_is_one_for_real_images_below_for_blur_above_for_noise():
@@ -102,6 +145,7 @@ def test_ablation_table_reports_mean_and_spread_over_seeds():
 
     def report(variant, acc):
         return {"variant": variant, "attribute_accuracy": {"da": acc, "baseline": 0.7},
+                "texture_accuracy": {"da": 0.5, "reconstruction": 0.9}, "background_detail_energy_ratio": {"da": 3.0},
                 "detail_energy_ratio": {"da": 0.9, "baseline": 0.3},
                 "generation_swd_vs_real_128px": {"da": {"level0": 0.1, "mean": 0.2}},
                 "reconstruction_128px": {"davae": {"psnr": 25.0}}}

@@ -12,8 +12,11 @@
 5. sampling through the DA path (128 px from 8x8 tokens) and the baseline (64 px from the same
    8x8 tokens, bicubic to 128), then a report: side-by-side image, loss curves, JSON metrics;
 6. the scores: a toy GenEval (a small classifier trained here on the real images reads shape,
-   shape colour and background colour; ``attribute_accuracy``), the one-pixel detail energy
-   relative to real images (``detail_energy_ratio``, 1.0 is real) and a multi-scale SWD.
+   shape colour and background colour, ``attribute_accuracy``, and at 128 px the caption's
+   texture, ``texture_accuracy``: of real images, of the DA-VAE's reconstructions, of both
+   paths' samples), the one-pixel detail energy relative to real images (``detail_energy_ratio``,
+   1.0 is real; ``background_detail_energy_ratio`` over the background frame alone, where
+   texture should not leak) and a multi-scale SWD.
 
 Every phase leaves its result in ``--out`` and is skipped when it is already there, so an
 interrupted demo resumes where it stopped.  With ``COMFYUI_PATH`` set it also runs the shipped
@@ -232,15 +235,20 @@ def sample_both(cfg: DemoConfig, pretrained: Path, davae_path: Path, stage2_run:
 
 
 @torch.no_grad()
-def reconstruction_metrics(pretrained: Path, davae_path: Path, images: torch.Tensor) -> dict[str, dict[str, float]]:
+def reconstruct(pretrained: Path, davae_path: Path, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The DA-VAE's and the toy VAE's reconstructions of ``images`` (see ``stage1.evaluate``)."""
     from diffusers import AutoencoderKL
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     from davae_core import load_davae
 
     from ..stage1.evaluate import reconstruct_all
 
-    recs = reconstruct_all(load_davae(davae_path), AutoencoderKL.from_pretrained(pretrained / "vae").eval(), images)
+    return reconstruct_all(load_davae(davae_path), AutoencoderKL.from_pretrained(pretrained / "vae").eval(), images)
+
+
+def reconstruction_metrics(recs: dict[str, torch.Tensor], images: torch.Tensor) -> dict[str, dict[str, float]]:
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     return {
         name: {"psnr": round(float(peak_signal_noise_ratio(rec, images, data_range=1.0)), 3),
                "ssim": round(float(structural_similarity_index_measure(rec, images, data_range=1.0)), 4)}
@@ -254,7 +262,7 @@ def attribute_classifier(cfg: DemoConfig, root: Path, losses: dict[str, Curve]):
 
     from .toy_classifier import AttributeClassifier, train_classifier
 
-    path = root / f"toy_classifier_{cfg.train_images}.safetensors"
+    path = root / f"toy_classifier_{cfg.train_images}_texture.safetensors"  # the name says it has the texture reader
     if path.is_file():
         model = AttributeClassifier()
         model.load_state_dict(load_file(path))
@@ -266,18 +274,29 @@ def attribute_classifier(cfg: DemoConfig, root: Path, losses: dict[str, Curve]):
     return trained.model
 
 
-def sample_scores(judge, samples: dict[str, torch.Tensor], real: torch.Tensor, captions: list[str]) -> dict[str, Any]:
-    """Attribute accuracy (real held-out images, and each path's samples against their own captions)
-    and detail energy relative to the real images, both at 128 px."""
-    from .detail_energy import detail_energy_ratio
-    from .toy_classifier import attribute_scores
+def sample_scores(judge, samples: dict[str, torch.Tensor], real: torch.Tensor, captions: list[str],
+                  reconstruction: torch.Tensor) -> dict[str, Any]:
+    """Attribute accuracy (real held-out images, and each path's samples against their own captions),
+    texture accuracy (also of the DA-VAE's ``reconstruction`` of the real images: stage 1 alone),
+    and detail energy relative to the real images, over the whole image and over the background
+    frame alone, all at 128 px."""
+    from .detail_energy import detail_energy, detail_energy_ratio
+    from .procedural_images import background_frame
+    from .toy_classifier import attribute_scores, texture_accuracy
 
     by_attribute = {"real": attribute_scores(judge, real, captions)}
     by_attribute.update({name: attribute_scores(judge, samples[name], captions) for name in ("da", "baseline")})
+    frame = background_frame(real.shape[-1])
     return {
         "attribute_accuracy": {name: scores["mean"] for name, scores in by_attribute.items()},
         "attribute_accuracy_by_attribute": by_attribute,
+        "texture_accuracy": {"real": texture_accuracy(judge, real, captions),
+                             "reconstruction": texture_accuracy(judge, reconstruction, captions),
+                             **{name: texture_accuracy(judge, samples[name], captions) for name in ("baseline", "da")}},
         "detail_energy_ratio": {name: round(detail_energy_ratio(samples[name], real), 4) for name in ("da", "baseline")},
+        # the real backgrounds are smooth gradients: their energy is tiny, so it is reported too
+        "background_detail_energy_ratio": {name: round(detail_energy_ratio(samples[name], real, frame), 4) for name in ("da", "baseline")},
+        "background_detail_energy_real": float(f"{detail_energy(real, frame):.4g}"),
     }
 
 
@@ -374,10 +393,11 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
 
     real, captions = make_batch(EVAL_START, cfg.eval_images, 2 * BASE_SIZE, cfg.seed)
     samples = timer.run("sampling", lambda: sample_both(cfg, pretrained, davae_path, stage2, captions))
-    recon = timer.run("reconstruction metrics", lambda: reconstruction_metrics(pretrained, davae_path, real))
+    recs = timer.run("reconstruction", lambda: reconstruct(pretrained, davae_path, real))
+    recon = reconstruction_metrics(recs, real)
     generation = generation_metrics(samples, real, cfg.seed)
     judge = timer.run("toy classifier", lambda: attribute_classifier(cfg, shared, curves))
-    scores = sample_scores(judge, samples, real, captions)
+    scores = sample_scores(judge, samples, real, captions, recs["davae"])
 
     curves["stage 1 loss"] = tensorboard_scalars(davae_path.parent, "loss/total")
     curves["stage 2 base mse"] = tensorboard_scalars(stage2, "loss/base_mse")
@@ -408,7 +428,10 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
 ABLATION_COLUMNS = (  # (header, how to read it from a report)
     ("attribute acc. DA", lambda r: r["attribute_accuracy"]["da"]),
     ("attribute acc. baseline", lambda r: r["attribute_accuracy"]["baseline"]),
+    ("texture acc. DA", lambda r: r["texture_accuracy"]["da"]),
+    ("texture acc. DA-VAE rec.", lambda r: r["texture_accuracy"]["reconstruction"]),
     ("detail energy DA (1 = real)", lambda r: r["detail_energy_ratio"]["da"]),
+    ("background detail energy DA (1 = real)", lambda r: r["background_detail_energy_ratio"]["da"]),
     ("detail energy baseline", lambda r: r["detail_energy_ratio"]["baseline"]),
     ("SWD DA (finest level)", lambda r: r["generation_swd_vs_real_128px"]["da"]["level0"]),
     ("SWD DA (mean)", lambda r: r["generation_swd_vs_real_128px"]["da"]["mean"]),
@@ -486,7 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if not ablation:
         report = run_demo(cfg)
-        keys = ("variant", "reconstruction_128px", "attribute_accuracy", "detail_energy_ratio", "generation_swd_vs_real_128px", "seconds")
+        keys = ("variant", "reconstruction_128px", "attribute_accuracy", "texture_accuracy", "detail_energy_ratio",
+                "background_detail_energy_ratio", "generation_swd_vs_real_128px", "seconds")
         print(json.dumps({k: report[k] for k in keys}, indent=2))
     else:
         table = ablation_table(run_ablation(cfg, seeds))

@@ -33,6 +33,8 @@ BACKGROUNDS = {  # distinct from every shape colour, in name and in value
     "orange": (0.95, 0.55, 0.1),
 }
 SHAPES = ("circle", "square", "triangle")
+SHAPE_RADIUS = (0.26, 0.32)  # of the image size
+SHAPE_CENTRE_JITTER = 0.08  # the centre moves this share of the size from the middle, per axis
 TEXTURES = ("stripes", "checker", "dots")
 
 
@@ -73,8 +75,8 @@ def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
     ramp = (0.75 + 0.25 * (yy / size))[..., None]
     img = bg_rgb[None, None, :] * ramp
     # a large shape near the centre: enough layout for a toy DiT to learn in a minute
-    r = size * rng.uniform(0.26, 0.32)
-    cy, cx = size / 2 + rng.uniform(-0.08, 0.08, size=2) * size
+    r = size * rng.uniform(*SHAPE_RADIUS)
+    cy, cx = size / 2 + rng.uniform(-SHAPE_CENTRE_JITTER, SHAPE_CENTRE_JITTER, size=2) * size
     mask = _shape_mask(shape, yy, xx, cy, cx, r)
     fg_rgb = np.array(COLOURS[fg_name], dtype=np.float32)
 
@@ -89,6 +91,15 @@ def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
 
     caption = f"{fg_name} {shape} with {texture} on {bg_name} background"
     return ProceduralSample(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)).clamp(0, 1), caption)
+
+
+def background_frame(size: int, margin: int = 4) -> torch.Tensor:
+    """(size, size) bool mask of the border no shape of ``make_sample`` reaches, less ``margin`` px
+    more: background in every image whatever its caption, so generated samples can be checked
+    there for detail that should not be (a texture leaking out of the shape)."""
+    reach = size * (SHAPE_CENTRE_JITTER + SHAPE_RADIUS[1]) + 1 + margin
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    return torch.maximum((yy - size / 2).abs(), (xx - size / 2).abs()) > reach
 
 
 def caption_attributes(caption: str) -> dict[str, str]:
