@@ -2,7 +2,8 @@
 
 Each image is a smooth two-colour background gradient with one large shape (what the base
 latent of the half-resolution image can carry), overlaid with what a 2x downsample wipes out:
-stripes, a checker or dots of 2-3 px inside the shape and a hard one-pixel outline.  A
+one-pixel stripes, a one-pixel grid or two-pixel dots inside the shape and a hard one-pixel
+outline.  A
 caption names the parts ("red circle with stripes on teal background"), so a text-conditioned toy
 DiT has something to follow.  Shape colours and background colours have disjoint names: the toy
 text conditioner is a bag of words, and "red on teal" must not read like "teal on red".
@@ -35,7 +36,15 @@ BACKGROUNDS = {  # distinct from every shape colour, in name and in value
 SHAPES = ("circle", "square", "triangle")
 SHAPE_RADIUS = (0.26, 0.32)  # of the image size
 SHAPE_CENTRE_JITTER = 0.08  # the centre moves this share of the size from the middle, per axis
-TEXTURES = ("stripes", "checker", "dots")
+TEXTURES = ("stripes", "grid", "dots")
+# The texture repeats every 5 px.  Not 4 (nor 2 or 8): a pattern whose period divides the VAE's
+# 8 px latent cell gives every cell inside the shape the same latent, and a decoder that
+# upsamples by nearest neighbour (SD3's) can then only paint a flat colour there: the old 2x2
+# stripes and checkers were unreachable by construction.  Not 3 either: reachable, but the toy
+# decoder did not learn it in a CPU run.  One-pixel lines and two-pixel dots on a 5 px lattice:
+# the toy decoder learns them, and a bicubic 2x down-up keeps only a faint blur of them.
+TEXTURE_PERIOD = 5
+TEXTURE_SHADE = 0.45  # the texture's pixels, dark on the shape's colour (1.0)
 
 
 @dataclass(frozen=True)
@@ -53,12 +62,19 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
     return (yy >= cy - r) & (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
 
 
-def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
+def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: int = TEXTURE_PERIOD) -> np.ndarray:
+    """Where the texture darkens the shape: horizontal lines, a grid of lines, or 2x2 dots."""
     if kind == "stripes":
-        return ((xx + yy) // period) % 2 == 0
-    if kind == "checker":
-        return ((yy // period) + (xx // period)) % 2 == 0
-    return ((yy % (2 * period)) < period // 2 + 1) & ((xx % (2 * period)) < period // 2 + 1)
+        return yy % period == 0
+    if kind == "grid":
+        return (yy % period == 0) | (xx % period == 0)
+    return (yy % period < 2) & (xx % period < 2)
+
+
+def texture_mask(kind: str, size: int) -> np.ndarray:
+    """(size, size) bool: where ``kind`` darkens a shape that covers the whole image."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    return _texture(kind, yy, xx)
 
 
 def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
@@ -80,11 +96,10 @@ def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
     mask = _shape_mask(shape, yy, xx, cy, cx, r)
     fg_rgb = np.array(COLOURS[fg_name], dtype=np.float32)
 
-    # full-resolution detail: a 2-3 px texture and a hard one-pixel outline (no random strokes: a
+    # full-resolution detail: the texture and a hard one-pixel outline (no random strokes: a
     # caption-conditioned model could not know where to draw them)
-    period = int(rng.integers(2, 4))
-    tex = _texture(texture, yy.astype(int), xx.astype(int), period)
-    shade = np.where(tex, 1.0, 0.55)[..., None]
+    tex = _texture(texture, yy.astype(int), xx.astype(int))
+    shade = np.where(tex, TEXTURE_SHADE, 1.0)[..., None]
     img = np.where(mask[..., None], fg_rgb[None, None, :] * shade, img)
     outline = mask & ~_shape_mask(shape, yy, xx, cy, cx, r - 1.0)
     img[outline] = 0.05

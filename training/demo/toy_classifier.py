@@ -4,7 +4,7 @@ Trained in the demo on the real procedural images and their captions, it then ju
 samples against the captions they were sampled from.  Two trunks: one looks at images
 downsampled to the base resolution (and learns under blur and noise), so it scores layout and
 colour, which both the baseline and the DA path should get right; the other reads the full
-128 px image for the caption's 2-3 px texture, the detail a half-resolution path cannot carry
+128 px image for the caption's one-pixel texture, the detail a half-resolution path cannot carry
 (near chance on the baseline, the DA path's reason to exist).
 """
 
@@ -25,7 +25,7 @@ INPUT_SIZE = 64
 # "none" is what a half-resolution path can hold: the texture's coarse aliases survive a 2x
 # downsample (a bicubic down-up of a real image still reads as its texture without this class)
 TEXTURE_CLASSES = (*TEXTURES, "none")
-TEXTURE_INPUT_SIZE = 128  # the texture's 2-3 px period exists only at full resolution
+TEXTURE_INPUT_SIZE = 128  # the texture's one-pixel lines and two-pixel dots exist only at full resolution
 DETAIL_GAIN = 4.0  # the finest band of the textures is about +-0.25: scaled to unit range
 # the texture is read in the central window, which overlaps the shape's inside in every image (its
 # radius is over a quarter of the image, its centre off the middle by under a tenth): a quarter of the cost
