@@ -516,9 +516,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool, int]:
     args = ap.parse_args(argv)
     if args.long and args.quick:
         ap.error("--long and --quick pick opposite step counts: give one")
-    cfg = DemoConfig(out=args.out or ("demo_out_long" if args.long else "demo_out"), seed=args.seed, align=not args.no_align, zero_init=not args.no_zero_init,
-                     schedule=not args.no_schedule, threads=args.threads,
-                     train_base=args.train_base)
+    out = args.out or ("demo_out_long" if args.long else "demo_out")
+    cfg = DemoConfig(out=out, seed=args.seed, align=not args.no_align, zero_init=not args.no_zero_init,
+                     schedule=not args.no_schedule, threads=args.threads, train_base=args.train_base)
     if args.long:
         cfg = DemoConfig(**{**asdict(cfg), **LONG_STEPS})
     if args.quick:

@@ -3,10 +3,10 @@
 Each image is a smooth two-colour background gradient with one large shape (what the base
 latent of the half-resolution image can carry), overlaid with what a 2x downsample wipes out:
 one-pixel stripes, a one-pixel grid or two-pixel dots inside the shape and a hard one-pixel
-outline.  A
-caption names the parts ("red circle with stripes on teal background"), so a text-conditioned toy
-DiT has something to follow.  Shape colours and background colours have disjoint names: the toy
-text conditioner is a bag of words, and "red on teal" must not read like "teal on red".
+outline.  A caption names the parts ("red circle with stripes on teal background"), so a
+text-conditioned toy DiT has something to follow.  Shape colours and background colours have
+disjoint names: the toy text conditioner is a bag of words, and "red on teal" must not read
+like "teal on red".
 Everything is a pure function of ``(seed, index)``.
 """
 
@@ -39,8 +39,8 @@ SHAPE_CENTRE_JITTER = 0.08  # the centre moves this share of the size from the m
 TEXTURES = ("stripes", "grid", "dots")
 # The texture repeats every 5 px.  Not 4 (nor 2 or 8): a pattern whose period divides the VAE's
 # 8 px latent cell gives every cell inside the shape the same latent, and a decoder that
-# upsamples by nearest neighbour (SD3's) can then only paint a flat colour there: the old 2x2
-# stripes and checkers were unreachable by construction.  Not 3 either: reachable, but the toy
+# upsamples by nearest neighbour (SD3's) can then only paint a flat colour there: the old
+# 2 px stripes and checkers were unreachable by construction.  Not 3 either: reachable, but the toy
 # decoder did not learn it in a CPU run.  One-pixel lines and two-pixel dots on a 5 px lattice:
 # the toy decoder learns them, and a bicubic 2x down-up keeps only a faint blur of them.
 TEXTURE_PERIOD = 5
