@@ -248,7 +248,7 @@ def test_every_texture_varies_from_one_latent_cell_to_the_next():
 def test_long_demo_takes_the_steps_that_reach_the_texture_and_its_own_folder():
     import pytest
 
-    from davae_training.demo.pipeline import LONG_STEPS, DemoConfig, claim_folder, parse_args
+    from davae_training.demo.pipeline import LONG_STEPS, DemoConfig, parse_args
 
     cfg, _, _ = parse_args(["--long"])
     assert (cfg.stage1_steps, cfg.stage2_steps) == (LONG_STEPS["stage1_steps"], LONG_STEPS["stage2_steps"])

@@ -62,19 +62,15 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
     return (yy >= cy - r) & (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
 
 
-def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: int = TEXTURE_PERIOD) -> np.ndarray:
-    """Where the texture darkens the shape: horizontal lines, a grid of lines, or 2x2 dots."""
-    if kind == "stripes":
-        return yy % period == 0
-    if kind == "grid":
-        return (yy % period == 0) | (xx % period == 0)
-    return (yy % period < 2) & (xx % period < 2)
-
-
 def texture_mask(kind: str, size: int) -> np.ndarray:
-    """(size, size) bool: where ``kind`` darkens a shape that covers the whole image."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    return _texture(kind, yy, xx)
+    """(size, size) bool: where ``kind`` darkens the shape (horizontal lines, a grid of lines, or
+    2x2 dots), on the image's own pixel lattice."""
+    yy, xx = np.mgrid[0:size, 0:size] % TEXTURE_PERIOD
+    if kind == "stripes":
+        return yy == 0
+    if kind == "grid":
+        return (yy == 0) | (xx == 0)
+    return (yy < 2) & (xx < 2)
 
 
 def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
@@ -98,7 +94,7 @@ def make_sample(index: int, size: int = 128, seed: int = 0) -> ProceduralSample:
 
     # full-resolution detail: the texture and a hard one-pixel outline (no random strokes: a
     # caption-conditioned model could not know where to draw them)
-    tex = _texture(texture, yy.astype(int), xx.astype(int))
+    tex = texture_mask(texture, size)
     shade = np.where(tex, TEXTURE_SHADE, 1.0)[..., None]
     img = np.where(mask[..., None], fg_rgb[None, None, :] * shade, img)
     outline = mask & ~_shape_mask(shape, yy, xx, cy, cx, r - 1.0)
