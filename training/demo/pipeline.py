@@ -282,11 +282,11 @@ def attribute_classifier(cfg: DemoConfig, root: Path, losses: dict[str, Curve]):
 
 
 def sample_scores(judge, samples: dict[str, torch.Tensor], real: torch.Tensor, captions: list[str],
-                  reconstruction: torch.Tensor) -> dict[str, Any]:
+                  recs: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Attribute accuracy (real held-out images, and each path's samples against their own captions),
-    texture accuracy (also of the DA-VAE's ``reconstruction`` of the real images: stage 1 alone),
-    and detail energy relative to the real images, over the whole image and over the background
-    frame alone, all at 128 px."""
+    texture accuracy (also of the DA-VAE's reconstructions of the real images, ``recs["davae"]``:
+    stage 1 alone), and detail energy relative to the real images, over the whole image and over
+    the background frame alone, all at 128 px."""
     from .detail_energy import detail_energy, detail_energy_ratio
     from .procedural_images import background_frame
     from .toy_classifier import attribute_scores, texture_accuracy
@@ -294,6 +294,12 @@ def sample_scores(judge, samples: dict[str, torch.Tensor], real: torch.Tensor, c
     by_attribute = {"real": attribute_scores(judge, real, captions)}
     by_attribute.update({name: attribute_scores(judge, samples[name], captions) for name in ("da", "baseline")})
     frame = background_frame(real.shape[-1])
+    reconstruction = recs["davae"]
+    # what a background can be expected to hold, beside what the DA-VAE and the samples do: the real
+    # images as the training PNGs store them (8 bits), and the toy "pretrained" VAE's own
+    # reconstructions, which the DA-VAE's decoder starts from
+    floors = {"real_8bit": (real * 255).round() / 255, "stock_vae_full": recs["stock_full"],
+              "stock_vae_half_upsampled": recs["stock_half_upsampled"]}
     return {
         "attribute_accuracy": {name: scores["mean"] for name, scores in by_attribute.items()},
         "attribute_accuracy_by_attribute": by_attribute,
@@ -303,8 +309,10 @@ def sample_scores(judge, samples: dict[str, torch.Tensor], real: torch.Tensor, c
         "detail_energy_ratio": {name: round(detail_energy_ratio(samples[name], real), 4) for name in ("da", "baseline")},
         # the real backgrounds are smooth gradients: their energy is tiny, so it is reported too; the
         # DA-VAE's reconstructions say how much of a leak stage 1 already makes
-        "background_detail_energy_ratio": {"reconstruction": round(detail_energy_ratio(reconstruction, real, frame), 4),
-                                           **{name: round(detail_energy_ratio(samples[name], real, frame), 4) for name in ("da", "baseline")}},
+        "background_detail_energy_ratio": {
+            **{name: round(detail_energy_ratio(images, real, frame), 4) for name, images in floors.items()},
+            "reconstruction": round(detail_energy_ratio(reconstruction, real, frame), 4),
+            **{name: round(detail_energy_ratio(samples[name], real, frame), 4) for name in ("da", "baseline")}},
         "background_detail_energy_real": float(f"{detail_energy(real, frame):.4g}"),
     }
 
@@ -421,7 +429,7 @@ def run_demo(cfg: DemoConfig, share_root: Path | None = None) -> dict[str, Any]:
     recon = reconstruction_metrics(recs, real)
     generation = generation_metrics(samples, real, cfg.seed)
     judge = timer.run("toy classifier", lambda: attribute_classifier(cfg, shared, curves))
-    scores = sample_scores(judge, samples, real, captions, recs["davae"])
+    scores = sample_scores(judge, samples, real, captions, recs)
 
     curves["stage 1 loss"] = tensorboard_scalars(davae_path.parent, "loss/total")
     curves["stage 2 base mse"] = tensorboard_scalars(stage2, "loss/base_mse")
