@@ -295,11 +295,12 @@ def sample_scores(judge, samples: dict[str, torch.Tensor], real: torch.Tensor, c
     by_attribute.update({name: attribute_scores(judge, samples[name], captions) for name in ("da", "baseline")})
     frame = background_frame(real.shape[-1])
     reconstruction = recs["davae"]
-    # what a background can be expected to hold, beside what the DA-VAE and the samples do: the real
-    # images as the training PNGs store them (8 bits), and the toy "pretrained" VAE's own
-    # reconstructions, which the DA-VAE's decoder starts from
-    floors = {"real_8bit": (real * 255).round() / 255, "stock_vae_full": recs["stock_full"],
-              "stock_vae_half_upsampled": recs["stock_half_upsampled"]}
+    # over the background, beside the DA-VAE's reconstructions and both paths' samples: what a
+    # background can be expected to hold, the real images as the training PNGs store them (8 bits)
+    # and the toy "pretrained" VAE's own reconstructions, which the DA-VAE's decoder starts from
+    backgrounds = {"real_8bit": (real * 255).round() / 255, "stock_vae_full": recs["stock_full"],
+                   "stock_vae_half_upsampled": recs["stock_half_upsampled"], "reconstruction": reconstruction,
+                   "da": samples["da"], "baseline": samples["baseline"]}
     return {
         "attribute_accuracy": {name: scores["mean"] for name, scores in by_attribute.items()},
         "attribute_accuracy_by_attribute": by_attribute,
@@ -309,10 +310,8 @@ def sample_scores(judge, samples: dict[str, torch.Tensor], real: torch.Tensor, c
         "detail_energy_ratio": {name: round(detail_energy_ratio(samples[name], real), 4) for name in ("da", "baseline")},
         # the real backgrounds are smooth gradients: their energy is tiny, so it is reported too; the
         # DA-VAE's reconstructions say how much of a leak stage 1 already makes
-        "background_detail_energy_ratio": {
-            **{name: round(detail_energy_ratio(images, real, frame), 4) for name, images in floors.items()},
-            "reconstruction": round(detail_energy_ratio(reconstruction, real, frame), 4),
-            **{name: round(detail_energy_ratio(samples[name], real, frame), 4) for name in ("da", "baseline")}},
+        "background_detail_energy_ratio": {name: round(detail_energy_ratio(images, real, frame), 4)
+                                           for name, images in backgrounds.items()},
         "background_detail_energy_real": float(f"{detail_energy(real, frame):.4g}"),
     }
 
